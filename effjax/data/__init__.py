@@ -1,0 +1,1 @@
+"""Data: the byte-level tokenizer, the embedded CPython-stdlib corpus, TFDS builders and grain pipelines."""

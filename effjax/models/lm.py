@@ -1,0 +1,354 @@
+"""Decoder-only language model of the Llama family, with an explicit KV cache.
+
+Read top to bottom: config -> cache -> RMSNorm -> RoPE -> Attention -> MLP -> Block -> LM.
+
+The model is a pure function of (params, tokens, positions, cache). Attention writes the new keys and
+values of every call at each row's `cache.lengths[b]` and returns the cache with `lengths + T`; callers
+that accept fewer tokens (prefill of ragged prompts, speculative rollback) simply set `lengths` back.
+Slots past a row's length are stale and masked, so rollback never copies.
+
+Einsum letters: B batch, T new tokens, S cache slots, D model width, N query heads, K kv heads,
+H head dim, F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from effjax.attention import MaskSpec, dot_product_attention
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """Shape and numerics of a decoder LM. Frozen so it can be a static jit argument.
+
+  `rope_scaling` follows transformers' Llama-3 convention: a tuple of
+  (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), or None.
+  """
+
+  vocab_size: int = 264
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  mlp_dim: int = 384
+  max_len: int = 512
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[tuple[float, float, float, int]] = None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "auto"
+  attention_kv_chunk: int = 512
+  matmul_precision: str = "default"  # "highest" for bit-exactness tests
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+                       f"{self.num_kv_heads} (grouped-query attention)")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}")
+    if self.matmul_precision not in ("default", "high", "highest"):
+      raise ValueError(f"matmul_precision={self.matmul_precision!r}; use default, high or highest")
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  @property
+  def precision(self):
+    return None if self.matmul_precision == "default" else self.matmul_precision
+
+  def replace(self, **kw) -> "LMConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.d_model * self.mlp_dim
+    per_layer = attn + mlp + 2 * self.d_model
+    embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+    return self.num_layers * per_layer + embed + self.d_model
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Per-layer keys and values in fixed-size buffers, plus each row's number of valid slots.
+
+  Attributes:
+    k: tuple over layers of [B, S, K, H].
+    v: tuple over layers of [B, S, K, H].
+    lengths: [B] int32, valid slots per row.
+  """
+
+  k: tuple
+  v: tuple
+  lengths: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k[0].shape[1]
+
+  def with_lengths(self, lengths: jax.Array) -> "KVCache":
+    """Rollback (or commit) by length alone: no data moves."""
+    return self.replace(lengths=lengths.astype(jnp.int32))
+
+
+def init_cache(config: LMConfig, batch: int, max_len: Optional[int] = None,
+               dtype: Any = None) -> KVCache:
+  """An empty cache of `max_len` slots (default `config.max_len`)."""
+  max_len = config.max_len if max_len is None else max_len
+  dtype = config.compute_dtype if dtype is None else dtype
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                 lengths=jnp.zeros((batch,), jnp.int32))
+
+
+@flax.struct.dataclass
+class Output:
+  """What the LM returns.
+
+  Attributes:
+    logits: [B, T, V] float32.
+    cache: the updated KVCache (None when called without one).
+    hidden_states: [B, T, D] final hidden states after the last norm (Medusa heads read these).
+    layer_hidden: tuple of [B, T, D], the input of each block then the last block's output
+      (before the final norm), when `return_layer_hidden=True`; else ().
+  """
+
+  logits: jax.Array
+  cache: Optional[KVCache]
+  hidden_states: jax.Array
+  layer_hidden: tuple = ()
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # Match transformers: cast to the activation dtype before the weight multiply.
+    return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float,
+                  scaling: Optional[tuple[float, float, float, int]] = None) -> np.ndarray:
+  """Inverse frequencies [H/2], with Llama-3 band-wise scaling when `scaling` is given."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                              / head_dim))
+  inv_freq = inv_freq.astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  factor, low_ff, high_ff, old_len = scaling
+  low_wavelen, high_wavelen = old_len / low_ff, old_len / high_ff
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates [B, T, heads, H] by `positions` [B, T] (transformers' rotate_half convention)."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
+  cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def _dense_param(module, name, shape, axes, dtype, fan_in):
+  init = nn.initializers.normal(stddev=fan_in ** -0.5)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _write_cache(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+  """Writes new [B, T, K, H] into buf [B, S, K, H] at per-row slot `starts` [B]."""
+  def one(b, n, s):
+    return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (s, 0, 0))
+  return jax.vmap(one)(buf, new, starts)
+
+
+class Attention(nn.Module):
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, x, positions, layer_k=None, layer_v=None, lengths=None, segment_ids=None,
+               new_token_mask=None):
+    cfg = self.config
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt, pdt, prec = cfg.compute_dtype, cfg.weight_dtype, cfg.precision
+    wq = _dense_param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), pdt, d)
+    wk = _dense_param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
+    wv = _dense_param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
+    wo = _dense_param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, n * h)
+    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt), precision=prec)  # [B, T, N, H]
+    key = jnp.einsum("btd,dkh->btkh", x, wk.astype(dt), precision=prec)  # [B, T, K, H]
+    val = jnp.einsum("btd,dkh->btkh", x, wv.astype(dt), precision=prec)  # [B, T, K, H]
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
+    inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
+    q = apply_rope(q, positions, inv_freq)
+    key = apply_rope(key, positions, inv_freq)
+
+    t = x.shape[1]
+    if layer_k is None:  # Training / full forward: attend within the new tokens.
+      all_k, all_v = key, val
+      spec = MaskSpec(q_positions=positions, kv_positions=positions, causal=True,
+                      q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+    else:
+      all_k = _write_cache(layer_k, key, lengths)  # [B, S, K, H]
+      all_v = _write_cache(layer_v, val, lengths)
+      s = all_k.shape[1]
+      if new_token_mask is None:
+        # Slot index == absolute position for ordinary decoding, so causality compares positions.
+        spec = MaskSpec(q_positions=lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None],
+                        kv_lengths=lengths + t, causal=True)
+      else:
+        # Tree attention: the prefix is fully visible, new tokens see what new_token_mask allows.
+        rel = jnp.arange(s, dtype=jnp.int32)[None, :] - lengths[:, None]  # [B, S]
+        tree = jnp.take_along_axis(
+            new_token_mask, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
+        extra = jnp.where(rel[:, None, :] < 0, True, tree)  # [B, T, S]
+        spec = MaskSpec(kv_lengths=lengths + t, extra_mask=extra)
+    out = dot_product_attention(q, all_k, all_v, spec, impl=cfg.attention_impl,
+                                kv_chunk=cfg.attention_kv_chunk, precision=prec)  # [B, T, N, H]
+    out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt), precision=prec)  # [B, T, D]
+    if layer_k is None:
+      return out, None, None
+    return out, all_k, all_v
+
+
+class MLP(nn.Module):
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    d, f, dt, prec = cfg.d_model, cfg.mlp_dim, cfg.compute_dtype, cfg.precision
+    gate = _dense_param(self, "gate", (d, f), ("embed", "mlp"), cfg.weight_dtype, d)
+    up = _dense_param(self, "up", (d, f), ("embed", "mlp"), cfg.weight_dtype, d)
+    down = _dense_param(self, "down", (f, d), ("mlp", "embed"), cfg.weight_dtype, f)
+    hidden = nn.silu(jnp.einsum("btd,df->btf", x, gate.astype(dt), precision=prec)) * jnp.einsum(
+        "btd,df->btf", x, up.astype(dt), precision=prec)  # [B, T, F]
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
+    return jnp.einsum("btf,fd->btd", hidden, down.astype(dt), precision=prec)  # [B, T, D]
+
+
+class Block(nn.Module):
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, x, positions, layer_k, layer_v, lengths, segment_ids, new_token_mask):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
+    attn_out, new_k, new_v = Attention(cfg, name="attn")(
+        norm("attn_norm")(x), positions, layer_k, layer_v, lengths, segment_ids, new_token_mask)
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return x, new_k, new_v
+
+
+class LM(nn.Module):
+  """Llama-family decoder. `__call__(tokens, positions, cache, ...) -> Output`."""
+
+  config: LMConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None, segment_ids: Optional[jax.Array] = None,
+               new_token_mask: Optional[jax.Array] = None,
+               return_layer_hidden: bool = False) -> Output:
+    """Runs T new tokens per row.
+
+    Args:
+      tokens: [B, T] int32.
+      positions: [B, T] RoPE positions (default: `cache.lengths + arange(T)`, or `arange(T)`).
+      cache: KVCache to read and extend, or None for a full (training) forward.
+      segment_ids: [B, T] for packed / padded training batches (no cache).
+      new_token_mask: [B, T, T] bool, which new tokens each new token sees (tree attention);
+        None means causal.
+      return_layer_hidden: also return every block's input (for feature distillation).
+    """
+    cfg = self.config
+    b, t = tokens.shape
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids are for full forwards; a cached call masks by cache.lengths")
+    if positions is None:
+      base = cache.lengths[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
+      positions = base + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    embed = self.param("embed", nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
+    x = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    new_k, new_v, layer_hidden = [], [], []
+    for i in range(cfg.num_layers):
+      if return_layer_hidden:
+        layer_hidden.append(x)
+      lk = cache.k[i] if cache is not None else None
+      lv = cache.v[i] if cache is not None else None
+      x, k_i, v_i = block_cls(cfg, name=f"layer_{i}")(
+          x, positions, lk, lv, cache.lengths if cache is not None else None, segment_ids,
+          new_token_mask)
+      new_k.append(k_i)
+      new_v.append(v_i)
+    if return_layer_hidden:
+      layer_hidden.append(x)
+    hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", hidden, embed.astype(cfg.compute_dtype),
+                          precision=cfg.precision)
+    else:
+      head = _dense_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                          cfg.weight_dtype, cfg.d_model)
+      logits = jnp.einsum("btd,dv->btv", hidden, head.astype(cfg.compute_dtype),
+                          precision=cfg.precision)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ("batch", "length", "act_vocab"))  # [B, T, V]
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), lengths=cache.lengths + t)
+    return Output(logits=logits, cache=new_cache, hidden_states=hidden,
+                  layer_hidden=tuple(layer_hidden))
+
+
+def lm_head_matrix(params, config: LMConfig) -> jax.Array:
+  """The [D, V] output projection (the transposed embedding when tied)."""
+  p = params["params"] if "params" in params else params
+  p = nn.unbox(p)
+  return p["embed"].T if config.tie_embeddings else p["lm_head"]
+
+
+def init_params(config: LMConfig, rng: jax.Array, seq_len: int = 8):
+  """Unboxed float parameters for `config` (logical metadata dropped)."""
+  model = LM(config)
+  variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
+  return nn.unbox(variables)
