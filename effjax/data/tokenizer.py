@@ -60,3 +60,15 @@ class ByteTokenizer:
     for r, s in enumerate(seqs):
       out[r, :len(s)] = s
     return out, lengths
+
+
+def document_ids(text: str | bytes) -> np.ndarray:
+  """[L + 2] int32 ids of one training document: BOS, its UTF-8 bytes, EOS (vectorized, no Python loop).
+
+  `bytes` are taken as already UTF-8 (TFDS Text features decode to bytes), so nothing is re-encoded.
+  """
+  raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+  out = np.empty(len(raw) + 2, np.int32)
+  out[0], out[-1] = BOS_ID, EOS_ID
+  out[1:-1] = np.frombuffer(raw, np.uint8)
+  return out
