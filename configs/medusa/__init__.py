@@ -1,0 +1,1 @@
+"""Medusa head configs (`python -m experiments.train_medusa --config=configs/medusa/<name>.py`)."""
