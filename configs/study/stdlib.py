@@ -1,0 +1,75 @@
+r"""The main job: the whole inference-efficiency study on the embedded CPython-stdlib corpus.
+
+  python -m experiments.study --config=configs/study/stdlib.py --workdir=runs/study
+
+Steps (each cached in WORKDIR/<step>/DONE.json; a rerun skips finished steps, a killed step resumes
+from its checkpoints): train the target (lm/small) -> distil a draft (lm/draft: a corpus-trained
+baseline and a distilled one) -> train Medusa-1 heads on the frozen target -> benchmark
+autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
+(greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
+
+  Hardware: 2 CPU cores. Runtime: RUNTIME_TBD. Result: RESULT_TBD.
+
+Variants:
+
+  python -m experiments.study --config=configs/study/stdlib.py:tiny --workdir=/tmp/study_tiny
+    Every step at smoke size (tiny models, a few steps): seconds to a minute; the tests run it.
+
+  python -m experiments.study --config=configs/study/stdlib.py:accelerator --workdir=runs/study_big
+    The same pipeline at a larger scale for a GPU/TPU (lm/base target, longer training, bigger
+    batches). Hardware: one accelerator. Runtime and result: not measured yet (no accelerator here).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_VARIANTS = ("default", "tiny", "accelerator")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _config_of(relpath: str, arg=None) -> ml_collections.ConfigDict:
+  path = os.path.join(os.path.dirname(_HERE), relpath)
+  spec = importlib.util.spec_from_file_location("study_sub_" + relpath.replace("/", "_")[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg=None):
+  """Returns the study config of variant `arg` (None or one of `_VARIANTS`)."""
+  arg = arg or "default"
+  if arg not in _VARIANTS:
+    raise ValueError(f"unknown variant {arg!r} of configs/study/stdlib.py; choose one of "
+                     f"{_VARIANTS}")
+  c = ml_collections.ConfigDict()
+  c.task = "study"
+  c.target = _config_of("lm/stdlib.py", "tiny" if arg == "tiny" else None)
+  c.drafts = _config_of("distill/drafts.py", "tiny" if arg == "tiny" else None)
+  c.drafts.methods = ("scratch", "onpolicy_tvd")
+  c.medusa = _config_of("medusa/medusa1.py", "tiny" if arg == "tiny" else None)
+  c.bench = ml_collections.ConfigDict(dict(
+      prompt_len=64, max_new_tokens=128, batch_sizes=(1, 4), samplings=("greedy", "t=1"),
+      gammas=(1, 2, 4, 6, 8), medusa_tree_size=32, repeats=3, seed=0))
+  for sub in (c.target, c.drafts, c.medusa):
+    sub.progress_bar = True
+  if arg == "tiny":
+    c.medusa.allow_random_backbone = False
+    c.bench.update(dict(prompt_len=16, max_new_tokens=12, batch_sizes=(1,), gammas=(2,),
+                        medusa_tree_size=16, repeats=1))
+    for sub in (c.target, c.drafts, c.medusa):
+      sub.progress_bar = False
+  if arg == "accelerator":
+    c.target.model = "lm/base"
+    c.target.num_steps = 20000
+    c.target.batch_size = 64
+    c.target.seq_len = 512
+    c.drafts.teacher.model = "lm/base"
+    c.drafts.student.model = "lm/small"
+    c.drafts.pretrain_steps = 4000
+    c.drafts.num_steps = 2000
+    c.medusa.backbone = "lm/base"
+    c.medusa.num_steps = 2000
+    c.bench.batch_sizes = (1, 4, 16)
+  return c

@@ -1,0 +1,152 @@
+"""The study's decoding benchmark: autoregressive vs speculative vs Medusa on the trained models.
+
+Every method decodes the same prompts (validation documents the models never trained on) to the
+same number of new tokens, with EOS stopping off so rows do equal work. Each timing is the median
+of `bench.repeats` runs after one compiling warm-up. Speedup = autoregressive time / method time at
+the same batch and sampling, so all speedups are wall-clock and measured in the same process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from effjax.data import stdlib_corpus
+from effjax.data.tokenizer import ByteTokenizer
+from effjax.generate import engine
+from effjax.generate.sampling import SamplingParams
+from effjax.models import registry
+from effjax.models.lm import LMConfig, init_params
+
+log = logging.getLogger(__name__)
+
+
+def validation_prompts(num: int, length: int, val_fraction: float = 0.05) -> np.ndarray:
+  """[num, length] byte ids: the middle `length` bytes of the first `num` validation documents."""
+  docs, _ = stdlib_corpus.load_corpus(val_fraction=val_fraction)
+  texts = [d.text.encode("utf-8") for d in docs if d.split == "validation"]
+  texts = [t for t in texts if len(t) >= 2 * length][:num]
+  if len(texts) < num:
+    raise ValueError(f"only {len(texts)} validation documents have {2 * length} bytes; lower "
+                     "bench.prompt_len or bench.batch_sizes")
+  return np.stack([np.frombuffer(t[len(t) // 2 - length // 2:][:length], np.uint8) for t in texts]
+                  ).astype(np.int32)
+
+
+def load_lm(workdir: str, cfg: LMConfig):
+  from effjax.train.checkpoint import load_params
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+  return load_params(workdir, abstract)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+  out = jax.block_until_ready(fn())  # Compile and warm up.
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), out
+
+
+def _lm_config(train_cfg) -> LMConfig:
+  from effjax.train import lm_task
+  return lm_task.model_config(train_cfg)
+
+
+def run(config, trained: dict, step_dir: str) -> dict:
+  """Benchmarks every method on the trained models; returns {"rows": [...], "token_view_*": ...}."""
+  from effjax.speculative import metrics as spec_metrics
+  from effjax.speculative import view as spec_view
+  from effjax.speculative.decode import speculative_generate
+  b = config.bench
+  target_cfg = _lm_config(config.target).replace(matmul_precision="default")
+  target = load_lm(trained["target"]["workdir"], target_cfg)
+  drafts = {}
+  if "drafts" in trained:
+    s_cfg = registry.get(config.drafts.student.model, **dict(config.drafts.student.overrides))
+    for method in trained["drafts"]["methods"]:
+      path = os.path.join(trained["drafts"]["workdir"], method)
+      drafts[method] = (load_lm(path, s_cfg), s_cfg)
+  prompts_all = validation_prompts(max(b.batch_sizes), b.prompt_len)
+  n_new = b.max_new_tokens
+  samplings = {"greedy": SamplingParams(), "t=1": SamplingParams(temperature=1.0)}
+  rows, notes = [], []
+  tok = ByteTokenizer()
+  jobs = []
+  for batch in b.batch_sizes:
+    for s_name in b.samplings:
+      jobs.append(("autoregressive", batch, s_name, None, None))
+      for d_name in drafts:
+        for gamma in b.gammas:
+          jobs.append(("speculative", batch, s_name, d_name, gamma))
+      if "medusa" in trained and s_name == "greedy":
+        jobs.append(("medusa", batch, "greedy", None, None))
+        jobs.append(("medusa", batch, "typical", None, None))
+  cost_ratios = {name: spec_metrics.measure_cost_ratio(target, target_cfg, p, c)["cost_ratio"]
+                 for name, (p, c) in drafts.items()}
+  ar_time: dict = {}
+  view_html, view_text = "", ""
+  rng = jax.random.PRNGKey(b.seed)
+  for method, batch, s_name, d_name, gamma in tqdm(jobs, desc="bench", unit="run"):
+    prompts = prompts_all[:batch]
+    sampling = samplings.get(s_name, SamplingParams())
+    row = {"method": method, "sampling": s_name, "batch": batch, "gamma": gamma, "draft": d_name}
+    if method == "autoregressive":
+      t, out = _median_time(lambda: engine.generate(
+          target, target_cfg, prompts, max_new_tokens=n_new, sampling=sampling, rng=rng).tokens,
+          b.repeats)
+      ar_time[(batch, s_name)] = t
+      row.update(passes_per_token=1.0)
+    elif method == "speculative":
+      d_params, d_cfg = drafts[d_name]
+      call = lambda record=False: speculative_generate(
+          target, target_cfg, d_params, d_cfg, prompts, gamma=gamma, max_new_tokens=n_new,
+          sampling=sampling, rng=rng, record_rounds=record)
+      t, out = _median_time(call, b.repeats)
+      summary = spec_metrics.summarize(out.metrics, out.lengths, cost_ratio=cost_ratios[d_name])
+      row.update({k: summary.get(k) for k in ("tar", "tau", "alpha", "predicted_speedup")})
+      row["passes_per_token"] = summary.get("target_passes_per_token")
+      row["per_position_acceptance"] = summary.get("per_position_acceptance")
+      row["cost_ratio"] = cost_ratios[d_name]
+      if (batch == 1 and s_name == "greedy" and gamma == max(b.gammas) and not view_html
+          and d_name == list(drafts)[-1]):
+        record = call(record=True).rounds
+        view_html = spec_view.render_html(record, rows=[0], token_str=tok.token_str)
+        view_text = spec_view.render_terminal(record, 0, token_str=tok.token_str)
+    else:
+      from effjax.medusa import decode as medusa_decode
+      from effjax.medusa import experiment as medusa_exp
+      from effjax.medusa.tree import MedusaTree
+      heads, info = medusa_exp.load_heads(trained["medusa"]["workdir"], target_cfg)
+      choices = (info.get("best_trees") or {}).get(str(b.medusa_tree_size))
+      tree = MedusaTree.from_choices([tuple(c) for c in choices]) if choices else None
+      typical = medusa_decode.TypicalParams() if s_name == "typical" else None
+      kwargs = dict(max_new_tokens=n_new, tree=tree, rng=rng)
+      if typical is not None:
+        kwargs.update(typical=typical, sampling=SamplingParams(temperature=1.0))
+      t, out = _median_time(lambda: medusa_decode.generate(target, heads, target_cfg, prompts,
+                                                           **kwargs), b.repeats)
+      m = medusa_decode.decode_metrics(out)
+      row.update(tar=m.get("tar"), tau=m.get("tau"),
+                 passes_per_token=m.get("target_passes_per_token"),
+                 per_position_acceptance=m.get("per_position_acceptance"))
+      row["tree_size"] = b.medusa_tree_size
+    row["seconds"] = t
+    row["tokens_per_s"] = batch * n_new / t
+    rows.append(row)
+  for row in rows:
+    base = ar_time.get((row["batch"], "greedy" if row["sampling"] == "typical"
+                        else row["sampling"]))
+    row["speedup"] = base / row["seconds"] if base else None
+  if not drafts:
+    notes.append("no draft model was trained: speculative rows are missing")
+  return {"rows": rows, "token_view_html": view_html, "token_view_text": view_text,
+          "notes": notes, "cost_ratios": cost_ratios}
