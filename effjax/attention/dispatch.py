@@ -3,7 +3,8 @@
 `impl` chooses how attention is computed; the mask semantics (`MaskSpec`) are identical for all:
 
 * `"xla"`     full logits in XLA; fastest for short sequences on CPU.
-* `"chunked"` online softmax over kv chunks with rematerialisation: O(T * chunk) memory.
+* `"chunked"` online softmax over (query chunk, kv chunk) tiles with a recomputing backward:
+              O(q_chunk * kv_chunk) temporaries per head (32k tokens fit in well under 2 GB).
 * `"pallas"`  the flash-attention kernels in `kernels_pallas/` (GPU Triton style or TPU Mosaic style
               by backend; interpret mode on CPU, forced by `interpret=True` or `EFFJAX_PALLAS_INTERPRET=1`).
 * `"cudnn"`   `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs.
@@ -105,8 +106,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     if reason:
       if strict:
         raise ValueError(f"impl='cudnn' cannot serve this call: {reason}; use impl='auto'")
-      _warn_once(f"attention: falling back from cudnn to xla: {reason}")
-      chosen = "xla"
+      chosen = "chunked" if k.shape[1] >= AUTO_CHUNK_THRESHOLD else "xla"
+      _warn_once(f"attention: falling back from cudnn to {chosen}: {reason}")
   if chosen == "pallas":
     from effjax.attention import pallas_bridge  # Imported lazily: Pallas is heavy to import.
     use_interpret = interpret if interpret is not None else (

@@ -55,20 +55,30 @@ class MaskSpec:
             or self.q_segment_ids is not None or self.extra_mask is not None)
 
   def dense(self, batch: int, q_len: int, kv_len: int, kv_offset: int | jax.Array = 0,
-            kv_chunk: Optional[int] = None) -> jax.Array:
-    """Materialises the [B, T, S'] boolean mask for keys kv_offset .. kv_offset + S' - 1.
+            kv_chunk: Optional[int] = None, q_offset: int | jax.Array = 0,
+            q_chunk: Optional[int] = None) -> jax.Array:
+    """Materialises the [B, T', S'] boolean mask of queries q_offset .. q_offset + T' - 1 and keys
+    kv_offset .. kv_offset + S' - 1.
 
-    `kv_chunk` (static) lets the chunked path build only one chunk's columns.
+    `kv_chunk` and `q_chunk` (static) let the chunked path build only one tile. Columns past
+    `kv_len` are masked; rows past `q_len` are padding whose mask the caller must ignore.
     """
     width = kv_len if kv_chunk is None else kv_chunk
     cols = kv_offset + jnp.arange(width, dtype=jnp.int32)  # [S']
-    q_pos = (self.q_positions if self.q_positions is not None
-             else jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len)))
+    if q_chunk is None:
+      rows = None
+      q_pos = (self.q_positions if self.q_positions is not None
+               else jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len)))
+    else:
+      rows = q_offset + jnp.arange(q_chunk, dtype=jnp.int32)  # [T']
+      q_pos = (jnp.take(self.q_positions, rows, axis=1, mode="clip")
+               if self.q_positions is not None else jnp.broadcast_to(rows, (batch, q_chunk)))
+    q_rows = q_pos.shape[1]
     if self.kv_positions is not None:
       kv_pos = jnp.take(self.kv_positions, cols, axis=1, mode="clip")  # [B, S']
     else:
       kv_pos = jnp.broadcast_to(cols, (batch, width))
-    mask = jnp.ones((batch, q_len, width), dtype=bool)
+    mask = jnp.ones((batch, q_rows, width), dtype=bool)
     if self.kv_lengths is not None:
       mask &= (cols[None, None, :] < self.kv_lengths[:, None, None])
     else:
@@ -79,9 +89,13 @@ class MaskSpec:
       mask &= (q_pos[:, :, None] - kv_pos[:, None, :]) < self.local_window
     if self.q_segment_ids is not None:
       kv_seg = jnp.take(self.kv_segment_ids, cols, axis=1, mode="clip")
-      mask &= self.q_segment_ids[:, :, None] == kv_seg[:, None, :]
+      q_seg = (self.q_segment_ids if rows is None
+               else jnp.take(self.q_segment_ids, rows, axis=1, mode="clip"))
+      mask &= q_seg[:, :, None] == kv_seg[:, None, :]
     if self.extra_mask is not None:
       extra = jnp.take(self.extra_mask, cols, axis=2, mode="clip")
+      if rows is not None:
+        extra = jnp.take(extra, rows, axis=1, mode="clip")
       mask &= extra
     return mask
 

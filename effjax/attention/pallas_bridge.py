@@ -1,16 +1,114 @@
 """Bridge from the dispatch point to the Pallas kernels in `kernels_pallas/`.
 
-Placeholder until the kernels land: it reports that Pallas cannot serve the call, so the dispatcher
-falls back (or raises in strict mode).
+Kernel style by backend: the Mosaic kernel (`flash_attention_tpu`) on TPU, the Triton kernel
+(`flash_attention_gpu`) on GPU, and in interpret mode on CPU the Triton kernel unless the TPU style is
+asked for, by `EFFJAX_PALLAS_STYLE=tpu` or by passing a `pltpu.InterpretParams` as `interpret` (which
+also simulates TPU memory). On GPU and in GPU-style interpret mode, calls with at most 16 queries per
+row over a cache (`MaskSpec` with kv_lengths/q_positions, no segments, no explicit key positions) go
+to the split-K decode kernel.
+
+What the kernels serve: causal masking by positions, `kv_lengths`, segment ids (packing/padding),
+a local window, logit soft-capping, grouped/multi-query attention, Sq != Sk, any sequence length,
+head_dim up to 256, float32/bfloat16/float16. What makes `pallas_attention` return None (the
+dispatcher then falls back to XLA/chunked with a one-time warning, or raises under `strict`):
+
+* `spec.extra_mask` (dense tree-attention masks, e.g. Medusa verification);
+* a CPU backend without interpret mode (compiled Pallas needs a GPU or TPU);
+* head_dim > 256, another dtype, or a traced (non-static) `scale`/`softcap`.
 """
+
 from __future__ import annotations
 
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
 from effjax.attention import dispatch
+from effjax.attention.mask import MaskSpec
+
+MAX_HEAD_DIM = 256
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def pallas_attention(q, k, v, spec, *, scale, softcap, interpret, strict):
-  reason = "the Pallas kernels are not built yet"
-  if strict:
-    raise ValueError(f"impl='pallas' cannot serve this call: {reason}; use impl='xla'")
-  dispatch._warn_once(f"attention: falling back from pallas: {reason}")
+def kernel_style(interpret) -> str:
+  """"tpu" or "gpu": which kernel family serves this backend and interpret setting."""
+  backend = jax.default_backend()
+  if backend == "tpu":
+    return "tpu"
+  if backend == "gpu" and not interpret:
+    return "gpu"
+  if interpret is not None and not isinstance(interpret, bool):
+    return "tpu"  # A pltpu.InterpretParams: simulate the TPU kernel.
+  style = os.environ.get("EFFJAX_PALLAS_STYLE", "gpu").lower()
+  if style not in ("gpu", "tpu"):
+    raise ValueError(f"EFFJAX_PALLAS_STYLE={style!r}; use 'gpu' (Triton) or 'tpu' (Mosaic)")
+  return style
+
+
+def unsupported_reason(q, k, spec: MaskSpec, scale, softcap, interpret) -> Optional[str]:
+  """Why the kernels cannot serve this call, or None when they can."""
+  if spec.extra_mask is not None:
+    return ("the kernels take no dense extra_mask (tree attention); express the mask through "
+            "positions and segment ids")
+  if jax.default_backend() == "cpu" and not interpret:
+    return ("compiled Pallas kernels need a GPU or TPU; pass interpret=True (or set "
+            "EFFJAX_PALLAS_INTERPRET=1)")
+  if q.shape[-1] > MAX_HEAD_DIM:
+    return f"head_dim={q.shape[-1]} exceeds {MAX_HEAD_DIM}"
+  if q.dtype not in _DTYPES or k.dtype != q.dtype:
+    return f"dtypes q={q.dtype}, k={k.dtype}; the kernels take one of float32/bfloat16/float16"
+  for name, value in (("scale", scale), ("softcap", softcap)):
+    if value is not None and not isinstance(value, (int, float)):
+      return f"{name} must be a Python number (it is compiled into the kernel), got {type(value)}"
   return None
+
+
+def _is_decode(q, spec: MaskSpec) -> bool:
+  from kernels_pallas.decode_attention import MAX_DECODE_QUERIES
+  return (q.shape[1] <= MAX_DECODE_QUERIES and spec.kv_lengths is not None
+          and spec.kv_positions is None and spec.q_segment_ids is None)
+
+
+def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, strict):
+  """Runs the Pallas flash-attention kernels, or returns None to make the dispatcher fall back.
+
+  Args:
+    q: [B, T, N, H] queries.
+    k: [B, S, K, H] keys.
+    v: [B, S, K, H] values.
+    spec: the mask (see module docstring for what is served).
+    scale: logit scale (a Python number).
+    softcap: soft-capping value or None.
+    interpret: False to compile, True for the Pallas interpreter, or a `pltpu.InterpretParams`.
+    strict: raise a ValueError instead of returning None.
+
+  Returns:
+    (out [B, T, N, H], lse [B, N, T]) or None.
+  """
+  reason = unsupported_reason(q, k, spec, scale, softcap, interpret)
+  if reason is not None:
+    if strict:
+      raise ValueError(f"impl='pallas' cannot serve this call: {reason}; use impl='auto' (falls "
+                       "back) or impl='xla'")
+    dispatch._warn_once(f"attention: falling back from pallas: {reason}")
+    return None
+  style = kernel_style(interpret)
+  scale = float(scale)
+  softcap = None if softcap is None else float(softcap)
+  interpret = interpret if interpret else False
+  if style == "gpu" and _is_decode(q, spec):
+    from kernels_pallas.decode_attention import decode_attention
+    return decode_attention(q, k, v, kv_lengths=spec.kv_lengths, q_positions=spec.q_positions,
+                            causal=spec.causal, local_window=spec.local_window, softcap=softcap,
+                            scale=scale, interpret=interpret)
+  if style == "tpu":
+    from kernels_pallas.flash_attention_tpu import flash_attention
+  else:
+    from kernels_pallas.flash_attention_gpu import flash_attention
+  return flash_attention(q, k, v, q_positions=spec.q_positions, kv_positions=spec.kv_positions,
+                         kv_lengths=spec.kv_lengths, q_segment_ids=spec.q_segment_ids,
+                         kv_segment_ids=spec.kv_segment_ids, causal=spec.causal,
+                         local_window=spec.local_window, softcap=softcap, scale=scale,
+                         interpret=interpret)

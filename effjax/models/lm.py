@@ -52,6 +52,7 @@ class LMConfig:
   param_dtype: str = "float32"
   attention_impl: str = "auto"
   attention_kv_chunk: int = 512
+  attention_interpret: Optional[bool] = None  # Force Pallas interpret mode (None: env / CPU default).
   matmul_precision: str = "default"  # "highest" for bit-exactness tests
   remat: bool = False
 
@@ -237,7 +238,8 @@ class Attention(nn.Module):
         extra = jnp.where(rel[:, None, :] < 0, True, tree)  # [B, T, S]
         spec = MaskSpec(kv_lengths=lengths + t, extra_mask=extra)
     out = dot_product_attention(q, all_k, all_v, spec, impl=cfg.attention_impl,
-                                kv_chunk=cfg.attention_kv_chunk, precision=prec)  # [B, T, N, H]
+                                kv_chunk=cfg.attention_kv_chunk, precision=prec,
+                                interpret=cfg.attention_interpret)  # [B, T, N, H]
     out = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt), precision=prec)  # [B, T, D]
     if layer_k is None:
       return out, None, None
