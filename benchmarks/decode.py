@@ -1,0 +1,231 @@
+r"""Greedy decoding speed on CPU: effjax's one-jit engine against transformers, plus a roofline.
+
+The same random weights run in both (effjax params exported with `effjax.interop.hf_llama`), on the
+same prompts (128 random bytes), greedy, 128 new tokens, no early stop, batch 1 and 8, for two sizes:
+`small` (~4.8M parameters, 19 MB in float32: fits the last-level cache) and `large` (~32M, 126 MB:
+several times the LLC). Reported: end-to-end tokens/s (prefill included, compilation and warm-up
+excluded), medians over repeats, the effjax/transformers ratio, and effjax's fraction of this
+machine's roofline.
+
+Roofline: measured in the same run, at its start and its end, best figure kept (a ceiling; other jobs
+only slow a run). Memory bandwidth = bytes / time of a jitted `jnp.sum` over a 512 MB float32 array
+(streaming reads, like weights in decode); matmul rate = a jitted 2048^3 float32 `jnp.dot`. The time
+floor of one generation is
+  prefill: max(weight bytes / bw, 2 * B * P * matmul params / flops)
+  + for each decode step at context c: max((weight bytes + KV bytes(c)) / bw,
+                                           (2 * B * matmul params + 4 * B * c * N * H * L) / flops)
+and effjax's fraction = floor / measured time. For the LLC-resident `small` model the DRAM bandwidth
+is not its ceiling (weights come from cache), so its fraction can exceed 1.
+
+  python benchmarks/decode.py            # full: 128/128 tokens, 3 repeats
+  python benchmarks/decode.py --quick    # < 2 min: 128 prompt / 32 new tokens, 1 repeat
+
+transformers is measured fairly: `torch.inference_mode()`, its KV cache on, SDPA attention,
+`torch.set_num_threads(2)`, a warm-up call, the same greedy settings and token count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from effjax.generate import engine  # noqa: E402
+from effjax.models import LMConfig, init_params  # noqa: E402
+
+MODELS = {
+    "small": LMConfig(vocab_size=264, d_model=256, num_layers=6, num_heads=8, num_kv_heads=4,
+                      head_dim=32, mlp_dim=768, max_len=1024),
+    "large": LMConfig(vocab_size=264, d_model=512, num_layers=10, num_heads=8, num_kv_heads=4,
+                      head_dim=64, mlp_dim=1536, max_len=1024),
+}
+
+
+def log(*args):
+  print(*args, flush=True)
+
+
+def random_params(cfg: LMConfig, seed: int):
+  """Weights drawn with numpy (std fan_in^-1/2; norm scales near 1), in cfg.param_dtype."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+
+  def draw(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+    fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 1
+    return jnp.asarray(rng.standard_normal(leaf.shape) * fan_in ** -0.5, leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _times(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _median_time(fn, repeats: int) -> float:
+  return float(np.median(_times(fn, repeats)))
+
+
+def measure_machine(quick: bool) -> dict:
+  """Streaming-read bandwidth and float32 matmul rate of this machine, measured now.
+
+  A roofline is a ceiling, so each figure is the best of several runs (other jobs on a shared
+  CPU only ever slow a run down).
+  """
+  reps = 5 if quick else 9
+  x = jnp.ones((128 * 1024 * 1024,), jnp.float32)  # 512 MB, far beyond the last-level cache
+  reduce = jax.jit(jnp.sum)
+  reduce(x).block_until_ready()
+  bw = x.nbytes / min(_times(lambda: reduce(x).block_until_ready(), reps))
+  del x
+  n = 2048
+  a = jnp.ones((n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  rate = 2 * n ** 3 / min(_times(lambda: dot(a, a).block_until_ready(), reps))
+  src = np.ones(64 * 1024 * 1024, np.float32)
+  dst = np.empty_like(src)
+  np_copy = 2 * src.nbytes / min(_times(lambda: np.copyto(dst, src), 3))
+  return {"bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": rate / 1e9,
+          "numpy_copy_GBps": np_copy / 1e9}
+
+
+def best_of(a: dict, b: dict) -> dict:
+  return {k: max(a[k], b[k]) for k in a}
+
+
+def roofline_seconds(cfg: LMConfig, batch: int, prompt: int, new: int, machine: dict) -> float:
+  """Lower bound on one generation's time on this machine (see module docstring)."""
+  wbytes = cfg.num_params() * np.dtype(cfg.param_dtype).itemsize
+  matmul_params = cfg.num_params() - cfg.d_model * (2 * cfg.num_layers + 1)  # norms excluded
+  bw, rate = machine["bandwidth_GBps"] * 1e9, machine["matmul_GFLOPs"] * 1e9
+  kv_item = np.dtype(cfg.dtype).itemsize
+  total = max(wbytes / bw, 2 * batch * prompt * matmul_params / rate)
+  for step in range(1, new):
+    ctx = prompt + step
+    kv = 2 * cfg.num_layers * batch * ctx * cfg.num_kv_heads * cfg.head_dim * kv_item
+    flops = 2 * batch * matmul_params + 4 * batch * ctx * cfg.num_heads * cfg.head_dim * (
+        cfg.num_layers)
+    total += max((wbytes + kv) / bw, flops / rate)
+  return total
+
+
+def bench_effjax(params, cfg, prompts, new, repeats):
+  def run():
+    out = engine.generate(params, cfg, prompts, max_new_tokens=new)
+    out.tokens.block_until_ready()
+    return out
+  start = time.perf_counter()
+  tokens = np.asarray(run().tokens)  # compile + first run
+  compile_s = time.perf_counter() - start
+  return _median_time(run, repeats), tokens, compile_s
+
+
+def bench_hf(model, prompts, new, repeats):
+  import torch
+  ids = torch.from_numpy(prompts.astype(np.int64))
+  kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
+            pad_token_id=0, use_cache=True)
+  with torch.inference_mode():
+    model.generate(ids, max_new_tokens=4, **kw)  # warm-up
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+
+    def run():
+      model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+    return _median_time(run, repeats), out[:, prompts.shape[1]:].numpy()
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true", help="fewer new tokens and repeats (< 2 min)")
+  ap.add_argument("--prompt_len", type=int, default=128)
+  ap.add_argument("--new_tokens", type=int, default=None, help="default 128 (32 with --quick)")
+  ap.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
+  ap.add_argument("--models", default="small,large")
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--no_bf16", action="store_true", help="skip the effjax bfloat16 variant")
+  args = ap.parse_args()
+  new = args.new_tokens or (32 if args.quick else 128)
+  repeats = args.repeats or (1 if args.quick else 3)
+  import torch
+  torch.set_num_threads(2)
+  from effjax.interop import hf_llama
+
+  machine = measure_machine(args.quick)
+  log(f"machine: {machine}")
+  results = []
+  for name in args.models.split(","):
+    cfg = MODELS[name]
+    params = random_params(cfg, 0)
+    hf_model = None if args.skip_hf else hf_llama.to_hf_model(params, cfg, "sdpa")
+    for batch in [int(b) for b in args.batches.split(",")]:
+      prompts = np.random.default_rng(batch).integers(0, 256, (batch, args.prompt_len)).astype(
+          np.int32)
+      t_eff, tok_eff, compile_s = bench_effjax(params, cfg, prompts, new, repeats)
+      row = {"model": name, "params_M": cfg.num_params() / 1e6,
+             "weight_MB": cfg.num_params() * 4 / 1e6, "batch": batch,
+             "effjax_tok_s": batch * new / t_eff, "effjax_s": t_eff,
+             "effjax_compile_s": compile_s, "_cfg": cfg}
+      if hf_model is not None:
+        t_hf, tok_hf = bench_hf(hf_model, prompts, new, repeats)
+        agree = (tok_eff == tok_hf)
+        row.update({"hf_tok_s": batch * new / t_hf, "hf_s": t_hf, "speedup": t_hf / t_eff,
+                    "rows_token_identical": int(agree.all(axis=1).sum()),
+                    "tokens_identical_fraction": float(agree.mean())})
+      log(json.dumps({k: v for k, v in row.items() if k != "_cfg"}))
+      results.append(row)
+    if not args.no_bf16 and name == "large":
+      cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+      params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+      prompts = np.random.default_rng(1).integers(0, 256, (1, args.prompt_len)).astype(np.int32)
+      t16, _, _ = bench_effjax(params16, cfg16, prompts, new, repeats)
+      row = {"model": name + "_bf16", "batch": 1, "effjax_tok_s": new / t16, "effjax_s": t16,
+             "_cfg": cfg16}
+      log(json.dumps({k: v for k, v in row.items() if k != "_cfg"}))
+      results.append(row)
+
+  # The roofline uses the best machine figures seen at the start and at the end of the run.
+  machine = best_of(machine, measure_machine(args.quick))
+  log(f"machine (best of start and end): {machine}")
+  for r in results:
+    floor = roofline_seconds(r.pop("_cfg"), r["batch"], args.prompt_len, new, machine)
+    r.update({"roofline_s": floor, "effjax_roofline_fraction": floor / r["effjax_s"]})
+  goals = {}
+  for r in results:
+    if "speedup" in r:
+      need = 2.0 if r["batch"] == 1 else 3.0
+      goals[f"{r['model']}_b{r['batch']}_speedup>={need}"] = r["speedup"] >= need
+  large1 = [r for r in results if r["model"] == "large" and r["batch"] == 1]
+  if large1:
+    goals["large_b1_roofline>=0.7"] = large1[0]["effjax_roofline_fraction"] >= 0.7
+  summary = {
+      "benchmark": "decode", "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "torch": torch.__version__, **machine},
+      "prompt_len": args.prompt_len, "new_tokens": new, "repeats": repeats,
+      "results": results, "goals_met": goals,
+      "note": "CPU shared with other jobs: timings are noisy",
+  }
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,255 @@
+r"""Speculative decoding speed on CPU: effjax autoregressive vs effjax speculative vs transformers.
+
+  python benchmarks/speculative.py            # full sweep (about 20-30 minutes on 2 shared cores)
+  python benchmarks/speculative.py --quick    # gammas 2/4/6, batch 1 and 4, one draft, 64 tokens
+
+Models: the stdlib target (lm/small) and drafts (lm/draft) trained by the foundation's trainer:
+
+  python -m experiments.train --config=configs/lm/stdlib.py --workdir=/tmp/effjax/lm_stdlib
+  python -m experiments.train --config=configs/lm/stdlib.py:draft --workdir=/tmp/effjax/lm_draft
+  python -m experiments.distill --config=configs/distill/drafts.py --workdir=/tmp/effjax/drafts
+
+Missing target/draft checkpoints are trained here briefly with those configs (`--train_steps`), cached
+in their workdirs; the distilled draft is used when its workdir exists. For every draft, temperature
+(greedy and 1.0), batch (1, 4, 16) and gamma (1..8, plus adaptive), the same engine runs plain
+autoregressive decoding of the target (`effjax.generate.generate`) and speculative decoding on the same
+prompts (held-out stdlib code); batch 1 runs four prompts one after another. The peer is transformers'
+assisted generation (`generate(assistant_model=...)`, batch 1, greedy: it refuses larger batches) on
+the same weights exported with `effjax.interop.hf_llama`. Medians of `--reps` timed runs after a
+warm-up. The last stdout line is one JSON object with every figure; `--write_md` also writes the
+markdown summary.
+
+Goals (issue 5): >= 2.5x over effjax autoregressive at batch 1 greedy; >= 1.5x at batch 4; >= 1.5x
+faster in absolute time than transformers' assisted generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from effjax.generate.engine import generate  # noqa: E402
+from effjax.generate.sampling import SamplingParams  # noqa: E402
+from effjax.speculative import experiment  # noqa: E402
+from effjax.speculative import metrics as metrics_lib  # noqa: E402
+from effjax.speculative.decode import speculative_generate  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="small sweep, under ~2 minutes when idle")
+  p.add_argument("--target_workdir", default="/tmp/effjax/lm_stdlib")
+  p.add_argument("--draft_workdir", default="/tmp/effjax/lm_draft")
+  p.add_argument("--distilled_workdir", default="/tmp/effjax/drafts/onpolicy_tvd")
+  p.add_argument("--train_steps", type=int, default=300,
+                 help="steps when a missing target/draft must be trained here")
+  p.add_argument("--no_train", action="store_true", help="fail instead of training missing models")
+  p.add_argument("--max_new", type=int, default=None)
+  p.add_argument("--reps", type=int, default=None)
+  p.add_argument("--write_md", default=None, help="write the markdown summary to this path")
+  return p.parse_args(argv)
+
+
+def _stdlib_config(arg):
+  spec = importlib.util.spec_from_file_location("lm_stdlib_cfg",
+                                                os.path.join(ROOT, "configs", "lm", "stdlib.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def ensure_trained(workdir: str, arg, steps: int, allow: bool) -> None:
+  """Trains configs/lm/stdlib.py[:arg] into `workdir` unless it already holds a checkpoint."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt)):
+    return
+  if not allow:
+    raise FileNotFoundError(f"no checkpoint in {workdir}; train it (see this file's docstring)")
+  from effjax.train import tasks
+  config = _stdlib_config(arg)
+  with config.unlocked():
+    config.num_steps = steps
+    config.progress_bar = False
+  print(f"training configs/lm/stdlib.py:{arg or 'default'} for {steps} steps in {workdir}",
+        file=sys.stderr, flush=True)
+  tasks.get("lm").run(config, workdir)
+
+
+def timed_sets(fn, prompt_sets, reps):
+  """Median seconds of running fn(prompts) over every prompt set; also the outputs of one pass."""
+  run = lambda: [fn(p) for p in prompt_sets]
+  outs = run()
+  jax.block_until_ready([o.tokens for o in outs])
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready([fn(p).tokens for p in prompt_sets])
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), outs
+
+
+def hf_assisted(target, t_cfg, draft, d_cfg, prompts, max_new, gammas, reps):
+  """transformers' greedy generation, plain and assisted, batch 1, one prompt after another."""
+  import torch
+  from effjax.interop.hf_llama import to_hf_model
+  torch.set_num_threads(os.cpu_count() or 1)
+  t_hf = to_hf_model(target, t_cfg, attn_implementation="sdpa")
+  d_hf = to_hf_model(draft, d_cfg, attn_implementation="sdpa")
+  common = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                pad_token_id=256, eos_token_id=None)
+
+  def run(**kw):
+    outs = []
+    with torch.inference_mode():
+      for row in prompts:
+        ids = torch.from_numpy(np.asarray(row[None], np.int64))
+        outs.append(t_hf.generate(ids, attention_mask=torch.ones_like(ids), **common, **kw)
+                    [0, ids.shape[1]:].numpy())
+    return outs
+
+  def timed(**kw):
+    outs = run(**kw)
+    times = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      run(**kw)
+      times.append(time.perf_counter() - t0)
+    return statistics.median(times), outs
+
+  res = {}
+  res["hf_plain_s"], plain = timed()
+  for g in gammas:
+    d_hf.generation_config.num_assistant_tokens = g
+    d_hf.generation_config.num_assistant_tokens_schedule = "constant"
+    res[f"hf_assisted_g{g}_s"], outs = timed(assistant_model=d_hf)
+  d_hf.generation_config.num_assistant_tokens = 20
+  d_hf.generation_config.num_assistant_tokens_schedule = "heuristic"
+  res["hf_assisted_heuristic_s"], outs = timed(assistant_model=d_hf)
+  res["hf_assisted_equals_plain"] = all(np.array_equal(a, b) for a, b in zip(outs, plain))
+  res["hf_plain_tokens"] = [o.tolist() for o in plain]
+  return res
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  quick = args.quick
+  gammas = (2, 4, 6) if quick else tuple(range(1, 9))
+  batches = (1, 4) if quick else (1, 4, 16)
+  temps = (0.0, 1.0)
+  max_new = args.max_new or (64 if quick else 128)
+  reps = args.reps or (2 if quick else 3)
+  t_start = time.time()
+
+  ensure_trained(args.target_workdir, None, args.train_steps, not args.no_train)
+  ensure_trained(args.draft_workdir, "draft", args.train_steps, not args.no_train)
+  t_cfg, target = experiment.load_lm(dict(model="lm/small", checkpoint=args.target_workdir))
+  drafts = {"scratch": experiment.load_lm(dict(model="lm/draft", checkpoint=args.draft_workdir))}
+  distilled_ckpt = os.path.join(args.distilled_workdir, "checkpoints")
+  if not quick and os.path.isdir(distilled_ckpt) and os.listdir(distilled_ckpt):
+    drafts["distilled"] = experiment.load_lm(dict(model="lm/draft",
+                                                  checkpoint=args.distilled_workdir))
+  prompts, _ = experiment.corpus_prompts(16, 64, seed=0)
+
+  rows = []
+  for name, (d_cfg, d_params) in drafts.items():
+    for batch in batches:
+      sets = [prompts[i:i + 1] for i in range(4)] if batch == 1 else [prompts[:batch]]
+      cost = metrics_lib.measure_cost_ratio(target, t_cfg, d_params, d_cfg, batch=batch,
+                                            context=64, cache_len=256, iters=20)["cost_ratio"]
+      for temp in temps:
+        sampling = SamplingParams(temperature=temp)
+        rng = jax.random.key(0)
+        ar_s, ar_outs = timed_sets(lambda p: generate(target, t_cfg, p, max_new_tokens=max_new,
+                                                      sampling=sampling, rng=rng), sets, reps)
+        for gamma, adaptive in [(g, False) for g in gammas] + [(max(gammas), True)]:
+          spec_s, outs = timed_sets(lambda p: speculative_generate(
+              target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
+              sampling=sampling, rng=rng, adaptive=adaptive, cost_ratio=cost), sets, reps)
+          merged = jax.tree.map(lambda *xs: sum(np.asarray(x) for x in xs)
+                                if np.ndim(xs[0]) == 0 else np.concatenate(xs),
+                                *[o.metrics for o in outs])
+          lengths = np.concatenate([np.asarray(o.lengths) for o in outs])
+          s = metrics_lib.summarize(merged, lengths, cost_ratio=cost, measured_speedup=ar_s / spec_s)
+          row = {"draft": name, "temperature": temp, "batch": batch,
+                 "gamma": f"{gamma}a" if adaptive else gamma, "ar_s": round(ar_s, 4),
+                 "spec_s": round(spec_s, 4), "speedup": round(ar_s / spec_s, 3),
+                 "predicted_speedup": round(s.get("predicted_speedup", float("nan")), 3),
+                 "alpha": round(s["alpha"], 3), "tau": round(s["tau"], 3),
+                 "passes_per_token": round(s["target_passes_per_token"], 3),
+                 "cost_ratio": round(cost, 4)}
+          if temp == 0.0:
+            row["lossless"] = all(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+                                  for a, b in zip(outs, ar_outs))
+          rows.append(row)
+          print(json.dumps(row), file=sys.stderr, flush=True)
+
+  greedy = lambda b, d="scratch": [r for r in rows if r["temperature"] == 0.0 and r["batch"] == b
+                                   and r["draft"] == d]
+  best1 = max(greedy(1), key=lambda r: r["speedup"])
+  best4 = max(greedy(4), key=lambda r: r["speedup"])
+  _, d_params = drafts["scratch"]
+  best_g = best1["gamma"] if isinstance(best1["gamma"], int) else max(gammas)
+  hf = hf_assisted(target, t_cfg, d_params, drafts["scratch"][0], prompts[:4], max_new,
+                   sorted({best_g, 4}), reps)
+  hf_plain_tokens = hf.pop("hf_plain_tokens")
+  ar1 = timed_sets(lambda p: generate(target, t_cfg, p, max_new_tokens=max_new),
+                   [prompts[i:i + 1] for i in range(4)], 1)[1]
+  hf["hf_plain_equals_effjax_greedy"] = all(
+      np.array_equal(np.asarray(o.tokens[0]), t) for o, t in zip(ar1, hf_plain_tokens))
+  hf_best = min(v for k, v in hf.items() if k.startswith("hf_assisted_") and k.endswith("_s"))
+  goals = {
+      "batch1_greedy_speedup": best1["speedup"], "batch1_goal_2.5x": best1["speedup"] >= 2.5,
+      "batch4_greedy_speedup": best4["speedup"], "batch4_goal_1.5x": best4["speedup"] >= 1.5,
+      "vs_hf_assisted": round(hf_best / best1["spec_s"], 3),
+      "vs_hf_goal_1.5x": hf_best / best1["spec_s"] >= 1.5,
+  }
+  result = {
+      "benchmark": "speculative", "command": " ".join(["python"] + sys.argv),
+      "machine": experiment.machine(), "quick": quick, "max_new_tokens": max_new, "reps": reps,
+      "prompts": "16 windows of 64 bytes from held-out stdlib files (seed 0); batch 1 = 4 prompts "
+                 "run one after another", "drafts": sorted(drafts), "target": args.target_workdir,
+      "rows": rows, "best_batch1_greedy": best1, "best_batch4_greedy": best4,
+      "hf": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in hf.items()},
+      "goals": goals, "wall_s": round(time.time() - t_start, 1),
+  }
+  if args.write_md:
+    write_md(args.write_md, result)
+  print(json.dumps(result))
+
+
+def write_md(path: str, r: dict) -> None:
+  cols = ["draft", "temperature", "batch", "gamma", "ar_s", "spec_s", "speedup",
+          "predicted_speedup", "alpha", "tau", "passes_per_token", "cost_ratio", "lossless"]
+  lines = [f"# Speculative decoding benchmark ({'quick' if r['quick'] else 'full'})", "",
+           f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
+           f"{r['max_new_tokens']} new tokens, median of {r['reps']} runs; {r['prompts']}.  ",
+           "Timings were taken while other jobs shared the 2 CPU cores: expect noise of tens of "
+           "percent.", "", "## Goals", ""]
+  lines += [f"- {k}: {v}" for k, v in r["goals"].items()]
+  lines += ["", "## transformers (batch 1, greedy, same weights)", ""]
+  lines += [f"- {k}: {v}" for k, v in r["hf"].items()]
+  lines += ["", "## All settings", "", "| " + " | ".join(cols) + " |",
+            "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |" for row in r["rows"]]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()

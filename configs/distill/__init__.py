@@ -1,0 +1,1 @@
+"""Distillation experiment configs (`python -m experiments.distill --config=configs/distill/<name>.py`)."""

@@ -1,0 +1,1 @@
+"""Language-model configs: `python -m experiments.train --config=configs/lm/<name>.py`."""

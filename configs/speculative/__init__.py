@@ -1,0 +1,1 @@
+"""Speculative-decoding experiment configs (`python -m experiments.speculative --config=...`)."""

@@ -1,0 +1,157 @@
+"""Speculative-decoding metrics: what the loop counted, turned into the numbers papers report.
+
+Definitions (REFERENCES 1):
+* TAR, accepted draft tokens per round (sum of accepted / rounds, over rows);
+* tau = TAR + 1, tokens per round counting the target's correction/bonus token (vLLM, EAGLE and
+  Spec-Bench count it);
+* per-position acceptance, P(position i accepted | position i offered);
+* alpha = E[sum_x min(p, q)] = 1 - TV(p, q), averaged over offered positions (the expected acceptance of
+  one drafted token, independent of where the round stopped);
+* target passes per generated token (1 for plain decoding);
+* c, the measured cost of one draft decode step over one target decode step;
+* predicted speedup (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)), to put next to the measured one.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.models.lm import LM, LMConfig, init_cache
+from effjax.speculative.decode import SpecMetrics
+
+
+def expected_tokens_per_round(alpha: float, gamma: float) -> float:
+  """(1 - alpha^(gamma+1)) / (1 - alpha): expected tokens per round at i.i.d. acceptance alpha."""
+  if alpha >= 1.0:
+    return gamma + 1.0
+  return (1.0 - alpha ** (gamma + 1.0)) / (1.0 - alpha)
+
+
+def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
+  """Leviathan et al.'s wall-clock gain at acceptance alpha, gamma drafts and cost ratio c."""
+  return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + 1.0)
+
+
+def summarize(metrics: SpecMetrics, lengths, *, cost_ratio: Optional[float] = None,
+              measured_speedup: Optional[float] = None) -> dict:
+  """Turns the loop's counters into a flat dict of floats (JSON-ready).
+
+  Args:
+    metrics: `SpecOutput.metrics`.
+    lengths: `SpecOutput.lengths`, [B] generated tokens per row.
+    cost_ratio: measured c (see `measure_cost_ratio`); enables `predicted_speedup`.
+    measured_speedup: wall-clock speedup over plain decoding, reported beside the prediction.
+
+  Returns:
+    dict with tar, tau, alpha, acceptance_rate (accepted / offered), per_position_acceptance (list),
+    target_passes_per_token, draft_steps_per_round, mean_gamma, rounds, generated_tokens, and, when
+    given, cost_ratio, predicted_speedup, measured_speedup.
+  """
+  m = jax.tree_util.tree_map(np.asarray, metrics)
+  lengths = np.asarray(lengths)
+  row_rounds = int(m.rounds.sum())
+  accepted, drafted = int(m.accepted.sum()), int(m.drafted.sum())
+  passes = int(m.target_passes)
+  tar = accepted / max(row_rounds, 1)
+  offered = m.pos_offered.sum(0)
+  per_pos = [float(a) / float(o) if o else float("nan")
+             for a, o in zip(m.pos_accepted.sum(0), offered)]
+  alpha = float(m.alpha_sum.sum()) / drafted if drafted else float("nan")
+  mean_gamma = float(m.gamma_sum) / max(passes, 1)
+  out = {
+      "tar": tar,
+      "tau": tar + 1.0,
+      "alpha": alpha,
+      "acceptance_rate": accepted / drafted if drafted else float("nan"),
+      "per_position_acceptance": per_pos,
+      "bonus_rate": float(m.bonus.sum()) / max(row_rounds, 1),
+      "target_passes_per_token": row_rounds / max(int(lengths.sum()), 1),
+      "draft_steps_per_round": float(m.draft_steps) / max(passes, 1),
+      "mean_gamma": mean_gamma,
+      "rounds": passes,
+      "generated_tokens": int(lengths.sum()),
+  }
+  if cost_ratio is not None:
+    out["cost_ratio"] = float(cost_ratio)
+    if drafted:
+      out["predicted_speedup"] = predicted_speedup(min(alpha, 1.0), mean_gamma, cost_ratio)
+  if measured_speedup is not None:
+    out["measured_speedup"] = float(measured_speedup)
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps"))
+def _decode_steps(params, cache, tokens, *, config: LMConfig, steps: int):
+  """`steps` cached decode steps inside one program, as the decoding loops run them."""
+  variables = params if isinstance(params, dict) and "params" in params else {"params": params}
+  model, start = LM(config), cache.lengths
+
+  def body(i, carry):
+    cache, acc = carry
+    out = model.apply(variables, tokens + i % 7, cache=cache.with_lengths(start + i))
+    return out.cache, acc + out.logits[:, -1, 0]
+  return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(tokens.shape[:1])))[1]
+
+
+def step_time(params, config: LMConfig, *, batch: int = 1, context: int = 64,
+              cache_len: int = 256, iters: int = 20, tokens_per_step: int = 1,
+              steps: int = 16) -> float:
+  """Median seconds of one cached decode step (`tokens_per_step` new tokens after `context`).
+
+  Steps run `steps` at a time inside one compiled loop, so host dispatch (which the one-jit decoding
+  loops never pay per step) does not inflate small models' cost.
+  """
+  if context + steps * tokens_per_step > cache_len:
+    raise ValueError(f"context {context} + {steps} steps x {tokens_per_step} tokens exceeds "
+                     f"cache_len {cache_len}; raise cache_len")
+  cache = init_cache(config, batch, cache_len)
+  cache = cache.with_lengths(jnp.full((batch,), context, jnp.int32))
+  tokens = jnp.zeros((batch, tokens_per_step), jnp.int32)
+  run = lambda: _decode_steps(params, cache, tokens, config=config, steps=steps)
+  jax.block_until_ready(run())  # Compile.
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append((time.perf_counter() - t0) / steps)
+  return statistics.median(times)
+
+
+def measure_cost_ratio(target_params, target_cfg: LMConfig, draft_params, draft_cfg: LMConfig, *,
+                       batch: int = 1, context: int = 64, cache_len: int = 256,
+                       iters: int = 20) -> dict:
+  """c = draft step time / target step time, both one cached token at the same context and batch.
+
+  The speedup formula assumes the target's (gamma + 1)-token verification pass costs one target step,
+  which memory-bound accelerators give and CPUs only approximate; `step_time(tokens_per_step=...)`
+  measures that pass when the difference matters.
+
+  Returns:
+    dict with target_step_s, draft_step_s and cost_ratio.
+  """
+  t = step_time(target_params, target_cfg, batch=batch, context=context, cache_len=cache_len,
+                iters=iters)
+  d = step_time(draft_params, draft_cfg, batch=batch, context=context, cache_len=cache_len,
+                iters=iters)
+  return {"target_step_s": t, "draft_step_s": d, "cost_ratio": d / t}
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+  """A fixed-width text table of `columns` from each row dict (floats to 3 decimals)."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.3f}"
+    if isinstance(v, (list, tuple)):
+      return " ".join(f"{x:.2f}" for x in v)
+    return str(v)
+  cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+  line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+  return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
