@@ -7,7 +7,7 @@ From a training workdir (reads `WORKDIR/config.json` and the latest checkpoint):
 
 With the experiment config file instead of the workdir's config.json (same model):
 
-  python -m experiments.generate --config=configs/lm/small.py --workdir=/tmp/lm_small --prompt "x"
+  python -m experiments.generate --config=configs/lm/stdlib.py --workdir=/tmp/lm_small --prompt "x"
 
 From a transformers `save_pretrained` directory (config.json + safetensors; `tokenizer.json` if present,
 else the byte tokenizer):
@@ -19,7 +19,6 @@ Text goes to stdout as it is made; timing goes to stderr.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -45,71 +44,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
 
 
-def _plain(obj):
-  """ConfigDict / FrozenConfigDict -> plain dict (JSON-like)."""
-  if hasattr(obj, "to_dict"):
-    return obj.to_dict()
-  return obj
-
-
-def lm_config_from_experiment(cfg: dict, model_name: str | None = None):
-  """The LMConfig an experiment config describes.
-
-  Accepted shapes (the trainer's `config.json` or an experiment config): `model: "lm/small"`
-  (with optional `model_overrides: {...}`), `model: {name: "lm/small", <overrides>}`, or
-  `model: {<LMConfig fields>}`; the same under `lm` or `student`.
-  """
-  from effjax.models import LMConfig, registry
-  import dataclasses
-  fields = {f.name for f in dataclasses.fields(LMConfig)}
-
-  def clean(d):
-    d = {k: v for k, v in dict(d).items() if k in fields}
-    if isinstance(d.get("rope_scaling"), list):
-      d["rope_scaling"] = tuple(d["rope_scaling"])
-    return d
-
-  if model_name:
-    return registry.get(model_name, **clean(cfg.get("model_overrides") or {}))
-  for key in ("model", "lm", "student"):
-    spec = cfg.get(key)
-    if isinstance(spec, str):
-      return registry.get(spec, **clean(cfg.get(f"{key}_overrides") or {}))
-    if isinstance(spec, dict):
-      spec = _plain(spec)
-      name = spec.get("name") or spec.get("variant")
-      if name:
-        return registry.get(name, **clean(spec))
-      if "d_model" in spec:
-        return LMConfig(**clean(spec))
-  raise ValueError("cannot tell which model this config describes (no `model: \"lm/...\"` "
-                   "entry); pass --model=lm/<variant>")
-
-
-def load_from_workdir(workdir: str, config_obj=None, model_name=None, step=None):
-  """(params, LMConfig) from an effjax training workdir, via effjax.train.checkpoint."""
-  import jax
-  from effjax.models import init_params
-  from effjax.train import checkpoint as ckpt_lib
-  if config_obj is not None:
-    cfg = _plain(config_obj)
-  else:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} not found; pass --config=<the experiment config> or "
-                              "--hf_dir for a transformers directory")
-    with open(path) as fh:
-      cfg = json.load(fh)
-  lm_cfg = lm_config_from_experiment(cfg, model_name)
-  abstract = jax.eval_shape(lambda: init_params(lm_cfg, jax.random.key(0)))
-  try:
-    params = ckpt_lib.load_params(workdir, abstract, step)
-  except ckpt_lib.CheckpointMismatchError:
-    # Some trainers store the bare tree rather than {'params': ...}.
-    params = {"params": ckpt_lib.load_params(workdir, abstract["params"], step)}
-  return params, lm_cfg
-
-
 class _HFTokenizer:
   def __init__(self, path):
     from tokenizers import Tokenizer
@@ -128,6 +62,7 @@ def main(argv):
   import jax
   from effjax.data.tokenizer import ByteTokenizer
   from effjax.generate import SamplingParams, stream_text
+  from effjax.generate.loading import load_from_workdir
   from effjax.interop import hf_llama
 
   if bool(_HF_DIR.value) == bool(_WORKDIR.value):

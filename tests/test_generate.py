@@ -236,7 +236,7 @@ def test_cli_streams_from_hf_dir_and_from_workdir(params, tmp_path):
 
 
 def test_cli_model_config_from_experiment_config():
-  from experiments.generate import lm_config_from_experiment
+  from effjax.generate.loading import lm_config_from_experiment
   assert lm_config_from_experiment({"model": "lm/tiny"}) == registry.get("lm/tiny")
   got = lm_config_from_experiment({"model": {"name": "lm/tiny", "d_model": 32, "lr": 1.0}})
   assert got == registry.get("lm/tiny", d_model=32)
