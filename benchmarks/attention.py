@@ -178,7 +178,7 @@ def main(argv=None):
       "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                   "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
                   "jax": jax.__version__},
-      "note": "CPU timings are noisy when the machine is shared; medians of interleaved runs",
+      "note": f"medians of interleaved runs; load average {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores",
   }
   if not args.skip_cpu and jax.default_backend() == "cpu":
     result["cpu"] = cpu_section(args.quick, xla_max, chunked_max)

@@ -222,7 +222,7 @@ def main():
                   "torch": torch.__version__, **machine},
       "prompt_len": args.prompt_len, "new_tokens": new, "repeats": repeats,
       "results": results, "goals_met": goals,
-      "note": "CPU shared with other jobs: timings are noisy",
+      "note": f"load average {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores",
   }
   print(json.dumps(summary))
 

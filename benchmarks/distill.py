@@ -32,7 +32,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from effjax.distill import student_init  # noqa: E402
 from effjax.eval import wordnet_retrieval as wr  # noqa: E402
@@ -131,7 +130,7 @@ def drafts_section(workdir: str, quick: bool) -> dict:
       config.spec_eval.timing_reps = 3
   rows = draft_task.evaluate_drafts(drafts, t_cfg, t_params, s_cfg, config,
                                     draft_task._eval_batches(config))
-  return {"rows": rows, "target": dict(config.teacher), "draft_model": config.student.model,
+  return {"rows": rows, "target": config.teacher.to_dict(), "draft_model": config.student.model,
           "spec_eval": config.spec_eval.to_dict()}
 
 
@@ -146,7 +145,7 @@ def main():
   result = {"benchmark": "distill", "command": " ".join(["python"] + sys.argv),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "backend": jax.default_backend()},
-            "note": "CPU shared with other jobs; timings are noisy"}
+            "note": f"load average {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores"}
   result["encoder"] = encoder_section(args.quick, args.student_workdir)
   if not args.skip_drafts:
     result["drafts"] = drafts_section(args.drafts_workdir, args.quick)

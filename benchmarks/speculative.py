@@ -1,6 +1,6 @@
 r"""Speculative decoding speed on CPU: effjax autoregressive vs effjax speculative vs transformers.
 
-  python benchmarks/speculative.py            # full sweep (about 20-30 minutes on 2 shared cores)
+  python benchmarks/speculative.py            # full sweep (about 15 minutes on an idle 2-core machine)
   python benchmarks/speculative.py --quick    # gammas 2/4/6, batch 1 and 4, one draft, 64 tokens
 
 Models: the stdlib target (lm/small) and drafts (lm/draft) trained by the foundation's trainer:
@@ -61,6 +61,8 @@ def parse_args(argv=None):
   p.add_argument("--no_train", action="store_true", help="fail instead of training missing models")
   p.add_argument("--max_new", type=int, default=None)
   p.add_argument("--reps", type=int, default=None)
+  p.add_argument("--gammas", default=None, help="comma-separated (default 1..8; 2,4,6 quick)")
+  p.add_argument("--batches", default=None, help="comma-separated (default 1,4,16; 1,4 quick)")
   p.add_argument("--write_md", default=None, help="write the markdown summary to this path")
   return p.parse_args(argv)
 
@@ -150,6 +152,10 @@ def main(argv=None):
   quick = args.quick
   gammas = (2, 4, 6) if quick else tuple(range(1, 9))
   batches = (1, 4) if quick else (1, 4, 16)
+  if args.gammas:
+    gammas = tuple(int(g) for g in args.gammas.split(","))
+  if args.batches:
+    batches = tuple(int(b) for b in args.batches.split(","))
   temps = (0.0, 1.0)
   max_new = args.max_new or (64 if quick else 128)
   reps = args.reps or (2 if quick else 3)
@@ -226,6 +232,7 @@ def main(argv=None):
       "rows": rows, "best_batch1_greedy": best1, "best_batch4_greedy": best4,
       "hf": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in hf.items()},
       "goals": goals, "wall_s": round(time.time() - t_start, 1),
+      "load_average": os.getloadavg()[0],
   }
   if args.write_md:
     write_md(args.write_md, result)
@@ -238,8 +245,7 @@ def write_md(path: str, r: dict) -> None:
   lines = [f"# Speculative decoding benchmark ({'quick' if r['quick'] else 'full'})", "",
            f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
            f"{r['max_new_tokens']} new tokens, median of {r['reps']} runs; {r['prompts']}.  ",
-           "Timings were taken while other jobs shared the 2 CPU cores: expect noise of tens of "
-           "percent.", "", "## Goals", ""]
+           f"Load average {r['load_average']:.1f} at the end on {os.cpu_count()} cores.", "", "## Goals", ""]
   lines += [f"- {k}: {v}" for k, v in r["goals"].items()]
   lines += ["", "## transformers (batch 1, greedy, same weights)", ""]
   lines += [f"- {k}: {v}" for k, v in r["hf"].items()]

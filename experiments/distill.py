@@ -37,6 +37,8 @@ def run(config, workdir: str):
 
 def main(argv):
   del argv
+  from effjax import launch_logging
+  launch_logging.setup()
   result = run(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(result, indent=1, default=str))
 

@@ -4,11 +4,8 @@ Runs (or resumes) target training, draft distillation, Medusa heads, the decodin
 report, printing the table and where the report was written. See configs/study/stdlib.py.
 """
 
-import logging
-
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -17,18 +14,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where every step's artifacts an
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.Filter):
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.FIELD=VALUE")
+  from effjax import launch_logging
   from effjax.study import pipeline
   from effjax.study import report
-  logging.getLogger("effjax").setLevel(logging.INFO)
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  launch_logging.setup()
   results = pipeline.run_study(_CONFIG.value, _WORKDIR.value)
   print()
   print(report.terminal_table(results["decoding"]))

@@ -10,12 +10,10 @@ Multi-process (see docs/multihost.md): on a TPU pod or a SLURM / Open MPI GPU cl
 """
 
 import json
-import logging
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,15 +31,6 @@ _CPU_COLLECTIVES = flags.DEFINE_enum("cpu_collectives", None, ["gloo", "mpi"],
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.Filter):
-  """Drops Orbax's per-save and TFDS's per-open INFO chatter; warnings and errors still show."""
-
-  _NOISY = ("/orbax/", "/tensorflow_datasets/")
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self._NOISY)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.FIELD=VALUE")
@@ -55,9 +44,9 @@ def main(argv):
   elif _DISTRIBUTED.value:
     jax.distributed.initialize()
 
+  from effjax import launch_logging
   from effjax.train import tasks
-  logging.getLogger("effjax").setLevel(logging.INFO)
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  launch_logging.setup()
   config = _CONFIG.value
   if "task" not in config:
     raise app.UsageError(f"{flags.FLAGS['config'].config_filename} has no `task` field; set "

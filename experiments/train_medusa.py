@@ -5,7 +5,6 @@ configs/medusa/medusa1.py for the commands, hardware, runtime and results.
 """
 
 import json
-import logging
 
 from absl import app
 from absl import flags
@@ -20,8 +19,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.FIELD=VALUE")
+  from effjax import launch_logging
   from effjax.medusa import experiment
-  logging.getLogger("effjax").setLevel(logging.INFO)
+  launch_logging.setup()
   info = experiment.run(_CONFIG.value, _WORKDIR.value)
   summary = {k: info[k] for k in ("mode", "head_top1", "head_top5", "head_ce")}
   print(json.dumps(summary))

@@ -12,7 +12,7 @@ import pytest
 
 from effjax.data.tokenizer import ByteTokenizer
 from effjax.generate import engine, streaming
-from effjax.generate.sampling import GREEDY, SamplingParams
+from effjax.generate.sampling import SamplingParams
 from effjax.models import LM, init_cache, init_params, registry
 
 CFG = registry.get("lm/tiny", matmul_precision="highest", max_len=128)

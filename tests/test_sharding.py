@@ -55,7 +55,6 @@ def test_sharded_step_equals_single_device():
 def _child():
   """Runs in the 8-device subprocess; prints one JSON line of measurements."""
   import jax
-  import jax.numpy as jnp
   import ml_collections
   from flax import linen as nn
   from jax.sharding import NamedSharding, PartitionSpec

@@ -215,6 +215,14 @@ def test_summarize_and_predicted_speedup():
   assert float(decode.predicted_speedup(0.75, 7, 0.05)) == pytest.approx(
       metrics.predicted_speedup(0.75, 7, 0.05), rel=1e-5)
   assert metrics.predicted_speedup(1.0, 4, 0.0) == 5.0
+  # A verification pass costing v target steps divides by (gamma c + v) instead of (gamma c + 1).
+  assert metrics.predicted_speedup(0.75, 7, 0.1, verify_cost=2.0) == pytest.approx(3.5995 / 2.7,
+                                                                                 abs=1e-3)
+  s = metrics.summarize(m, jnp.array([10, 3]), cost_ratio=0.1, verify_cost=2.0)
+  assert s["verify_cost"] == 2.0
+  assert s["predicted_speedup_verify"] == pytest.approx(
+      metrics.predicted_speedup(12 / 18, 3.0, 0.1, verify_cost=2.0))
+  assert s["predicted_speedup_verify"] < s["predicted_speedup"]
 
 
 def test_bad_input_is_refused(models):

@@ -14,12 +14,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 
 from effjax import sharding
-from effjax.models import LM, registry
+from effjax.models import registry
 from effjax.train import checkpoint as ckpt_lib
 from effjax.train import lm_task, loop, optim
 from effjax.train.state import StateFactory

@@ -7,11 +7,17 @@ the teacher's sentence embeddings and final token states on unlabelled WordNet t
 examples, lemma lists of synsets disjoint from the evaluation). Teacher and student are scored on the
 held-out WordNet reverse-dictionary task: retrieve a noun's lemma from its definition among 2,000.
 
-  apt-get install -y wordnet-base   # once: the WordNet 3.0 data files
   python -m experiments.distill --config=configs/distill/minilm_l3.py --workdir=/tmp/effjax/minilm_l3
 
-  Hardware: 2 CPU cores (shared with other jobs while measured). Runtime: RUNTIME_TBD.
-  Result: RESULT_TBD
+  WordNet 3.0 comes from Debian's wordnet-base: scripts/setup_env.sh unpacks it into the venv and sets
+  EFFJAX_WORDNET_DIR (or `apt-get install wordnet-base`).
+
+  Hardware: 2 CPU cores (idle). Runtime: 3.8 min (600 steps in 181 s, then scoring teacher, student
+  and the student's init on 2,000 items). Result (2026-11-29): reverse-dictionary retrieval among
+  2,000 WordNet nouns, teacher MRR 0.444 / top-1 0.368 / recall@10 0.578; distilled 3-layer student
+  MRR 0.407 / top-1 0.328 / recall@10 0.547, i.e. it keeps 91.6% of the teacher's MRR (89.0% of
+  top-1, 94.6% of recall@10; the every-other-layer init alone keeps 70.6% of MRR). The issue's goal
+  of 95% is not reached at this length of training.
 
 Variants:
 

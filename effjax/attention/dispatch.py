@@ -22,7 +22,6 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 
 from effjax.attention.mask import MaskSpec
 from effjax.attention import xla as xla_impl

@@ -22,7 +22,6 @@ Callable from Python: `run(config, workdir)` (all of it), or `train_draft(...)` 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

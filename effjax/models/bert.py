@@ -13,7 +13,7 @@ Einsum letters: B batch, T tokens, D width, N heads, H head dim, F feed-forward 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import jax

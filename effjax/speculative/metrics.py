@@ -9,7 +9,10 @@ Definitions (REFERENCES 1):
   one drafted token, independent of where the round stopped);
 * target passes per generated token (1 for plain decoding);
 * c, the measured cost of one draft decode step over one target decode step;
-* predicted speedup (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)), to put next to the measured one.
+* predicted speedup (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)), to put next to the measured one;
+* and, where the (gamma + 1)-token verification pass does not cost one target step (CPUs: it costs
+  about 2 steps at gamma 8 for lm/small), the same prediction with its measured cost v in place of
+  the 1: (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)), `predicted_speedup_verify`.
 """
 
 from __future__ import annotations
@@ -34,13 +37,18 @@ def expected_tokens_per_round(alpha: float, gamma: float) -> float:
   return (1.0 - alpha ** (gamma + 1.0)) / (1.0 - alpha)
 
 
-def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
-  """Leviathan et al.'s wall-clock gain at acceptance alpha, gamma drafts and cost ratio c."""
-  return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + 1.0)
+def predicted_speedup(alpha: float, gamma: float, cost_ratio: float,
+                      verify_cost: float = 1.0) -> float:
+  """Leviathan et al.'s wall-clock gain at acceptance alpha, gamma drafts and cost ratio c.
+
+  `verify_cost` is the (gamma + 1)-token verification pass in target steps (1 in the paper).
+  """
+  return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + verify_cost)
 
 
 def summarize(metrics: SpecMetrics, lengths, *, cost_ratio: Optional[float] = None,
-              measured_speedup: Optional[float] = None) -> dict:
+              measured_speedup: Optional[float] = None,
+              verify_cost: Optional[float] = None) -> dict:
   """Turns the loop's counters into a flat dict of floats (JSON-ready).
 
   Args:
@@ -48,6 +56,8 @@ def summarize(metrics: SpecMetrics, lengths, *, cost_ratio: Optional[float] = No
     lengths: `SpecOutput.lengths`, [B] generated tokens per row.
     cost_ratio: measured c (see `measure_cost_ratio`); enables `predicted_speedup`.
     measured_speedup: wall-clock speedup over plain decoding, reported beside the prediction.
+    verify_cost: measured cost of the verification pass in target steps (`verify_cost_ratio`);
+      with cost_ratio, enables `predicted_speedup_verify`.
 
   Returns:
     dict with tar, tau, alpha, acceptance_rate (accepted / offered), per_position_acceptance (list),
@@ -82,6 +92,10 @@ def summarize(metrics: SpecMetrics, lengths, *, cost_ratio: Optional[float] = No
     out["cost_ratio"] = float(cost_ratio)
     if drafted:
       out["predicted_speedup"] = predicted_speedup(min(alpha, 1.0), mean_gamma, cost_ratio)
+      if verify_cost is not None:
+        out["verify_cost"] = float(verify_cost)
+        out["predicted_speedup_verify"] = predicted_speedup(min(alpha, 1.0), mean_gamma,
+                                                            cost_ratio, verify_cost)
   if measured_speedup is not None:
     out["measured_speedup"] = float(measured_speedup)
   return out
@@ -141,6 +155,17 @@ def measure_cost_ratio(target_params, target_cfg: LMConfig, draft_params, draft_
   d = step_time(draft_params, draft_cfg, batch=batch, context=context, cache_len=cache_len,
                 iters=iters)
   return {"target_step_s": t, "draft_step_s": d, "cost_ratio": d / t}
+
+
+def verify_cost_ratio(params, config: LMConfig, gamma: int, *, batch: int = 1, context: int = 64,
+                      cache_len: int = 256, iters: int = 10) -> float:
+  """v = time of one (gamma + 1)-token target pass / time of one 1-token target step."""
+  steps = max(1, min(16, (cache_len - context) // (gamma + 1)))
+  one = step_time(params, config, batch=batch, context=context, cache_len=cache_len, iters=iters,
+                  steps=steps)
+  many = step_time(params, config, batch=batch, context=context, cache_len=cache_len, iters=iters,
+                   tokens_per_step=gamma + 1, steps=steps)
+  return many / one
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:

@@ -92,6 +92,10 @@ def run(config, trained: dict, step_dir: str) -> dict:
         jobs.append(("medusa", batch, "typical", None, None))
   cost_ratios = {name: spec_metrics.measure_cost_ratio(target, target_cfg, p, c)["cost_ratio"]
                  for name, (p, c) in drafts.items()}
+  # What one (gamma + 1)-token verification pass costs in target steps, per batch and gamma.
+  verify_costs = {(batch, gamma): spec_metrics.verify_cost_ratio(target, target_cfg, gamma,
+                                                                 batch=batch)
+                  for batch in b.batch_sizes for gamma in (b.gammas if drafts else ())}
   ar_time: dict = {}
   view_html, view_text = "", ""
   rng = jax.random.PRNGKey(b.seed)
@@ -111,8 +115,10 @@ def run(config, trained: dict, step_dir: str) -> dict:
           target, target_cfg, d_params, d_cfg, prompts, gamma=gamma, max_new_tokens=n_new,
           sampling=sampling, rng=rng, record_rounds=record)
       t, out = _median_time(call, b.repeats)
-      summary = spec_metrics.summarize(out.metrics, out.lengths, cost_ratio=cost_ratios[d_name])
-      row.update({k: summary.get(k) for k in ("tar", "tau", "alpha", "predicted_speedup")})
+      summary = spec_metrics.summarize(out.metrics, out.lengths, cost_ratio=cost_ratios[d_name],
+                                       verify_cost=verify_costs[(batch, gamma)])
+      row.update({k: summary.get(k) for k in ("tar", "tau", "alpha", "predicted_speedup",
+                                              "verify_cost", "predicted_speedup_verify")})
       row["passes_per_token"] = summary.get("target_passes_per_token")
       row["per_position_acceptance"] = summary.get("per_position_acceptance")
       row["cost_ratio"] = cost_ratios[d_name]
@@ -149,4 +155,5 @@ def run(config, trained: dict, step_dir: str) -> dict:
   if not drafts:
     notes.append("no draft model was trained: speculative rows are missing")
   return {"rows": rows, "token_view_html": view_html, "token_view_text": view_text,
-          "notes": notes, "cost_ratios": cost_ratios}
+          "notes": notes, "cost_ratios": cost_ratios,
+          "verify_costs": {f"batch{k[0]}_gamma{k[1]}": v for k, v in verify_costs.items()}}

@@ -130,7 +130,7 @@ def _training_section(trained: dict) -> dict:
         out[f"draft_{method}"] = {"curve": _read_curve(os.path.join(info["workdir"], method)),
                                   "final": {}}
       for row in info.get("rows", []):
-        key = f"draft_{row.get('method')}"
+        key = f"draft_{row.get('draft')}"
         if key in out:
           out[key]["final"] = {k: v for k, v in row.items() if isinstance(v, (int, float))}
     else:

@@ -7,7 +7,8 @@ Report schema (`results` dict):
   machine: {platform, cpu_count, jax, python}
   training: {name: {"curve": [{"step", "loss", "eval_loss"?}, ...], "final": {...}}}
   decoding: [{"method", "sampling", "gamma"?, "batch", "tokens_per_s", "speedup", "tar"?, "tau"?,
-              "alpha"?, "passes_per_token", "predicted_speedup"?, "per_position_acceptance"?}, ...]
+              "alpha"?, "passes_per_token", "predicted_speedup"?, "verify_cost"?,
+              "predicted_speedup_verify"?, "per_position_acceptance"?}, ...]
   token_view_html: HTML fragment of speculative rounds (optional)
   notes: [str]
 """
@@ -27,14 +28,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TABLE_COLUMNS = ("method", "draft", "sampling", "gamma", "batch", "tokens_per_s", "speedup", "tar", "tau",
-                 "alpha", "passes_per_token", "predicted_speedup")
+                 "alpha", "passes_per_token", "predicted_speedup", "verify_cost",
+                 "predicted_speedup_verify")
 
 
 def _cell(v: Any) -> str:
   if v is None:
     return "-"
   if isinstance(v, float):
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
   return str(v)
 
 
@@ -56,46 +58,55 @@ def _png(fig) -> bytes:
 
 
 def plot_speedup_vs_gamma(rows: Sequence[dict]) -> bytes | None:
+  """One panel per draft: measured (solid) and predicted (dashed) speedup against gamma."""
   spec = [r for r in rows if r.get("method") == "speculative" and r.get("gamma")]
   if not spec:
     return None
-  fig, ax = plt.subplots(figsize=(6, 3.6))
-  groups = sorted({(r["sampling"], r["batch"]) for r in spec})
-  for sampling, batch in groups:
-    pts = sorted((r["gamma"], r["speedup"], r.get("predicted_speedup")) for r in spec
-                 if r["sampling"] == sampling and r["batch"] == batch)
-    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
-                    label=f"measured, {sampling}, batch {batch}")
-    if all(p[2] is not None for p in pts):
-      ax.plot([p[0] for p in pts], [p[2] for p in pts], "--", color=line.get_color(), alpha=0.6,
-              label=f"predicted, {sampling}, batch {batch}")
-  ax.axhline(1.0, color="grey", lw=0.8)
-  ax.set_xlabel("gamma (draft tokens per round)")
-  ax.set_ylabel("speedup over autoregressive")
-  ax.set_title("Speculative decoding: speedup against gamma")
-  ax.legend(fontsize=7)
+  drafts = sorted({r.get("draft") or "-" for r in spec})
+  fig, axes = plt.subplots(1, len(drafts), figsize=(6.2 * len(drafts), 4.0), squeeze=False,
+                           sharey=True)
+  for ax, draft in zip(axes[0], drafts):
+    mine = [r for r in spec if (r.get("draft") or "-") == draft]
+    for sampling, batch in sorted({(r["sampling"], r["batch"]) for r in mine}):
+      pts = sorted((r["gamma"], r["speedup"], r.get("predicted_speedup"),
+                    r.get("predicted_speedup_verify")) for r in mine
+                   if r["sampling"] == sampling and r["batch"] == batch)
+      line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                      label=f"measured, {sampling}, batch {batch}")
+      if all(p[2] is not None for p in pts):
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], "--", color=line.get_color(),
+                alpha=0.5, label=f"predicted, {sampling}, batch {batch}")
+      if all(p[3] is not None for p in pts):
+        ax.plot([p[0] for p in pts], [p[3] for p in pts], ":", color=line.get_color(),
+                alpha=0.9, label=f"predicted with measured verify cost, {sampling}, batch {batch}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("gamma (draft tokens per round)")
+    ax.set_title(f"draft: {draft}")
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+  axes[0][0].set_ylabel("speedup over autoregressive")
+  fig.suptitle("Speculative decoding: speedup against gamma")
   return _png(fig)
 
 
 def plot_per_position_acceptance(rows: Sequence[dict]) -> bytes | None:
-  spec = [r for r in rows if r.get("per_position_acceptance")]
+  """Acceptance rate of each draft position, at the largest gamma and smallest batch measured."""
+  spec = [r for r in rows if r.get("method") == "speculative" and r.get("per_position_acceptance")]
   if not spec:
     return None
-  best = max(spec, key=lambda r: (len(r["per_position_acceptance"]), r.get("batch") == 1))
-  fig, ax = plt.subplots(figsize=(6, 3.2))
-  labels = sorted({r["sampling"] for r in spec if len(r["per_position_acceptance"]) ==
-                   len(best["per_position_acceptance"]) and r["batch"] == best["batch"]})
-  width = 0.8 / max(1, len(labels))
-  for i, sampling in enumerate(labels):
-    r = next(r for r in spec if r["sampling"] == sampling and r["batch"] == best["batch"] and
-             len(r["per_position_acceptance"]) == len(best["per_position_acceptance"]))
+  gamma = max(len(r["per_position_acceptance"]) for r in spec)
+  batch = min(r["batch"] for r in spec if len(r["per_position_acceptance"]) == gamma)
+  chosen = sorted((r for r in spec if len(r["per_position_acceptance"]) == gamma
+                   and r["batch"] == batch), key=lambda r: (str(r.get("draft")), r["sampling"]))
+  fig, ax = plt.subplots(figsize=(7, 3.4))
+  width = 0.8 / max(1, len(chosen))
+  for i, r in enumerate(chosen):
     acc = r["per_position_acceptance"]
-    ax.bar([j + 1 + i * width for j in range(len(acc))], acc, width=width, label=sampling)
+    ax.bar([j + 1 + (i - (len(chosen) - 1) / 2) * width for j in range(len(acc))], acc,
+           width=width, label=f"{r.get('draft')}, {r['sampling']}")
   ax.set_xlabel("draft position")
   ax.set_ylabel("acceptance rate")
   ax.set_ylim(0, 1)
-  ax.set_title(f"Per-position acceptance (gamma {len(best['per_position_acceptance'])}, "
-               f"batch {best['batch']})")
+  ax.set_title(f"Per-position acceptance (gamma {gamma}, batch {batch})")
   ax.legend(fontsize=7)
   return _png(fig)
 

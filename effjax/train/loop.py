@@ -36,7 +36,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
