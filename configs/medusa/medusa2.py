@@ -3,7 +3,8 @@ r"""Medusa-2: heads first, then heads and backbone jointly (LM loss + 0.2 x head
   python -m experiments.train_medusa --config=configs/medusa/medusa2.py \
       --workdir=/tmp/effjax/medusa2 --config.backbone_workdir=/tmp/effjax/lm_stdlib
 
-  Hardware: 2 CPU cores (shared). Runtime: about 3x Medusa-1's per joint step (the backbone trains).
+  Hardware: 2 CPU cores. Runtime: not measured at full size (about 3x Medusa-1's time per joint
+  step, since the backbone trains); the :tiny variant runs in the tests in about 10 s.
   Result: WORKDIR/medusa.json (heads) and WORKDIR/medusa_backbone (the tuned backbone).
 
 The first `heads_warmup_steps` train the heads alone (as Medusa-1), so the joint stage does not start
