@@ -8,13 +8,13 @@ baseline and a distilled one) -> train Medusa-1 heads on the frozen target -> be
 autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
-  Hardware: 2 CPU cores (idle). Runtime: 9.0 min for the first run (target 148 s, drafts 147 s,
-  Medusa 81 s, benchmark 160 s, compilation included), plus 1.4 min for the first install; a rerun
-  only rewrites the report. Result (2026-11-29, benchmarks/RESULTS.md): target 2.81 validation bits
-  per byte; at batch 1 greedy speculative decoding 2.19x over autoregressive (scratch draft, gamma 8,
-  tau 7.5, every greedy output token-identical to plain greedy), 1.33x with the distilled draft at
-  gamma 4; exact sampling at temperature 1 up to 1.40x (distilled draft); Medusa-1 (tree of 32)
-  0.91x greedy with tau 4.8 (a tree pass costs several target steps on a CPU).
+  Hardware: 2 CPU cores (idle). Runtime: 10.1 min in a fresh clone, install (1.4 min) included:
+  target 153 s, drafts 143 s, Medusa 76 s, benchmark 161 s; a rerun takes 2 s (every step cached).
+  Result (2026-11-29, benchmarks/RESULTS.md): target 2.81 validation bits per byte; at batch 1
+  greedy, speculative decoding 2.15x over autoregressive (scratch draft, gamma 8, tau 7.5) and 1.41x
+  with the distilled draft (gamma 6); exact sampling at temperature 1 up to 1.64x (distilled draft,
+  gamma 8); Medusa-1 (tree of 32) 0.91x greedy with tau 4.8. On a CPU the (gamma + 1)-token
+  verification pass costs 1.3-2.3 target steps, which the report's second prediction accounts for.
 
 Variants:
 
