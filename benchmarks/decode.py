@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from effjax.generate import engine  # noqa: E402
-from effjax.models import LMConfig, init_params  # noqa: E402
+from effjax.models import LMConfig, random_params  # noqa: E402
 
 MODELS = {
     "small": LMConfig(vocab_size=264, d_model=256, num_layers=6, num_heads=8, num_kv_heads=4,
@@ -54,19 +54,6 @@ MODELS = {
 
 def log(*args):
   print(*args, flush=True)
-
-
-def random_params(cfg: LMConfig, seed: int):
-  """Weights drawn with numpy (std fan_in^-1/2; norm scales near 1), in cfg.param_dtype."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-
-  def draw(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['scale']"):
-      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
-    fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 1
-    return jnp.asarray(rng.standard_normal(leaf.shape) * fan_in ** -0.5, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _times(fn, repeats: int) -> list[float]:

@@ -13,22 +13,9 @@ import pytest
 from effjax.data.tokenizer import ByteTokenizer
 from effjax.generate import engine, streaming
 from effjax.generate.sampling import SamplingParams
-from effjax.models import LM, init_cache, init_params, registry
+from effjax.models import LM, init_cache, random_params, registry
 
 CFG = registry.get("lm/tiny", matmul_precision="highest", max_len=128)
-
-
-def random_params(cfg, seed):
-  """LM parameters drawn with numpy (no XLA compile of an initializer: tests stay fast)."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-
-  def draw(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['scale']"):
-      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
-    fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 1
-    return jnp.asarray(rng.standard_normal(leaf.shape) * fan_in ** -0.5, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope="module")

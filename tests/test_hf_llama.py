@@ -14,8 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from effjax.generate import engine  # noqa: E402
 from effjax.interop import hf_llama  # noqa: E402
-from effjax.models import LM, registry  # noqa: E402
-from tests.test_generate import random_params  # noqa: E402
+from effjax.models import LM, random_params, registry  # noqa: E402
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}

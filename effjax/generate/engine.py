@@ -196,6 +196,17 @@ def _generate_jit(params, prompts, prompt_lengths, max_new, eos_ids, pad_id, rng
   return GenerateOutput(tokens=state.tokens, lengths=state.num_generated, finished=state.done)
 
 
+def prompt_block(prompts: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+  """[B, width] int32: each row's first `lengths[b]` prompt ids, then id 0 (never attended to).
+
+  Trims or pads the caller's [B, P] prompts to the bucketed width that one compilation serves.
+  """
+  block = np.zeros((prompts.shape[0], width), np.int32)
+  keep = min(width, prompts.shape[1])
+  block[:, :keep] = prompts[:, :keep]
+  return np.where(np.arange(width)[None, :] < lengths[:, None], block, 0)
+
+
 def _check_inputs(config: LMConfig, prompts: np.ndarray, prompt_lengths: np.ndarray,
                   max_new_tokens: int, cache_len: Optional[int]) -> int:
   """Validates user input; returns the cache length needed (unbucketed)."""
@@ -271,11 +282,7 @@ def generate(params, config: LMConfig, prompts, prompt_lengths=None, *, max_new_
   if cache_len is None:
     cache_len = min(rnd(needed), config.max_len)
   p = min(rnd(int(lengths_np.max())), cache_len)
-  # Trim or pad the prompt block to the bucket; padding uses id 0 (never attended to).
-  block = np.zeros((prompts_np.shape[0], p), np.int32)
-  width = min(p, prompts_np.shape[1])
-  block[:, :width] = prompts_np[:, :width]
-  block = np.where(np.arange(p)[None, :] < lengths_np[:, None], block, 0)
+  block = prompt_block(prompts_np, lengths_np, p)
   buf_len = rnd(max_new_tokens)
   rng = jax.random.key(0) if rng is None else rng
   eos_ids = [] if eos_id is None else (

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.generate.engine import _check_inputs, _variables, bucket_length, prefill
+from effjax.generate.engine import (_check_inputs, _variables, bucket_length, prefill,
+                                    prompt_block)
 from effjax.generate.sampling import GREEDY, SamplingParams, logits_to_probs, sample
 from effjax.medusa.heads import HeadsConfig, apply_heads, check_compatible, infer_config
 from effjax.medusa.tree import DEFAULT_CHOICES, MedusaTree
@@ -348,10 +349,7 @@ def generate(params, head_params, config: LMConfig, prompts, prompt_lengths=None
   if cache_len is None:
     cache_len = min(rnd(needed), config.max_len)
   p = min(rnd(int(lengths_np.max())), cache_len)
-  block = np.zeros((prompts_np.shape[0], p), np.int32)
-  width = min(p, prompts_np.shape[1])
-  block[:, :width] = prompts_np[:, :width]
-  block = np.where(np.arange(p)[None, :] < lengths_np[:, None], block, 0)
+  block = prompt_block(prompts_np, lengths_np, p)
   buf_len = rnd(max_new_tokens + tree.depth + 1)
   rng = jax.random.key(0) if rng is None else rng
   out = _generate_jit(params, head_params, jnp.asarray(block), jnp.asarray(lengths_np),

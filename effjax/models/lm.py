@@ -354,3 +354,19 @@ def init_params(config: LMConfig, rng: jax.Array, seq_len: int = 8):
   model = LM(config)
   variables = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
   return nn.unbox(variables)
+
+
+def random_params(config: LMConfig, seed: int):
+  """Parameters drawn with numpy: std fan_in^-1/2, norm scales near 1, in `config.param_dtype`.
+
+  No initializer is compiled, so tests and benchmarks get large random models in milliseconds.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
+
+  def draw(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+    fan_in = leaf.shape[0] if len(leaf.shape) > 1 else 1
+    return jnp.asarray(rng.standard_normal(leaf.shape) * fan_in ** -0.5, leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
