@@ -21,14 +21,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from effjax.attention import MaskSpec, dot_product_attention
+from effjax.models.numerics import Numerics
 from effjax.models.registry import register
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 WORDPIECE_UNCASED = "wordpiece-bert-uncased-30522"
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(Numerics):
   """Shape and numerics of a BERT encoder. Frozen: usable as a static jit argument.
 
   `tokenizer` names the vocabulary, so distillation can refuse a student and a teacher that do
@@ -52,30 +52,11 @@ class BertConfig:
   def __post_init__(self):
     if self.d_model % self.num_heads:
       raise ValueError(f"d_model={self.d_model} must be a multiple of num_heads={self.num_heads}")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}")
-    if self.matmul_precision not in ("default", "high", "highest"):
-      raise ValueError(f"matmul_precision={self.matmul_precision!r}; use default, high or highest")
+    self.check_numerics()
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
-
-  @property
-  def compute_dtype(self):
-    return _DTYPES[self.dtype]
-
-  @property
-  def weight_dtype(self):
-    return _DTYPES[self.param_dtype]
-
-  @property
-  def precision(self):
-    return None if self.matmul_precision == "default" else self.matmul_precision
-
-  def replace(self, **kw) -> "BertConfig":
-    return dataclasses.replace(self, **kw)
 
   def num_params(self, include_embeddings: bool = True) -> int:
     d, f = self.d_model, self.mlp_dim

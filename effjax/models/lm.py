@@ -24,12 +24,12 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import MaskSpec, dot_product_attention
+from effjax.models.numerics import Numerics
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LMConfig(Numerics):
   """Shape and numerics of a decoder LM. Frozen so it can be a static jit argument.
 
   `rope_scaling` follows transformers' Llama-3 convention: a tuple of
@@ -60,26 +60,7 @@ class LMConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
                        f"{self.num_kv_heads} (grouped-query attention)")
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in _DTYPES:
-        raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}")
-    if self.matmul_precision not in ("default", "high", "highest"):
-      raise ValueError(f"matmul_precision={self.matmul_precision!r}; use default, high or highest")
-
-  @property
-  def compute_dtype(self):
-    return _DTYPES[self.dtype]
-
-  @property
-  def weight_dtype(self):
-    return _DTYPES[self.param_dtype]
-
-  @property
-  def precision(self):
-    return None if self.matmul_precision == "default" else self.matmul_precision
-
-  def replace(self, **kw) -> "LMConfig":
-    return dataclasses.replace(self, **kw)
+    self.check_numerics()
 
   def num_params(self) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
