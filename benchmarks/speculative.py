@@ -204,12 +204,14 @@ def main(argv=None):
           rows.append(row)
           print(json.dumps(row), file=sys.stderr, flush=True)
 
-  greedy = lambda b, d="scratch": [r for r in rows if r["temperature"] == 0.0 and r["batch"] == b
-                                   and r["draft"] == d]
+  # The goals take the best draft; transformers gets the scratch draft at its best gamma.
+  greedy = lambda b, d=None: [r for r in rows if r["temperature"] == 0.0 and r["batch"] == b
+                              and d in (None, r["draft"])]
   best1 = max(greedy(1), key=lambda r: r["speedup"])
-  best4 = max(greedy(4), key=lambda r: r["speedup"])
+  best4 = max(greedy(4), key=lambda r: r["speedup"]) if greedy(4) else {"speedup": None}
+  scratch1 = max(greedy(1, "scratch"), key=lambda r: r["speedup"])
   _, d_params = drafts["scratch"]
-  best_g = best1["gamma"] if isinstance(best1["gamma"], int) else max(gammas)
+  best_g = scratch1["gamma"] if isinstance(scratch1["gamma"], int) else max(gammas)
   hf = hf_assisted(target, t_cfg, d_params, drafts["scratch"][0], prompts[:4], max_new,
                    sorted({best_g, 4}), reps)
   hf_plain_tokens = hf.pop("hf_plain_tokens")
@@ -220,9 +222,10 @@ def main(argv=None):
   hf_best = min(v for k, v in hf.items() if k.startswith("hf_assisted_") and k.endswith("_s"))
   goals = {
       "batch1_greedy_speedup": best1["speedup"], "batch1_goal_2.5x": best1["speedup"] >= 2.5,
-      "batch4_greedy_speedup": best4["speedup"], "batch4_goal_1.5x": best4["speedup"] >= 1.5,
-      "vs_hf_assisted": round(hf_best / best1["spec_s"], 3),
-      "vs_hf_goal_1.5x": hf_best / best1["spec_s"] >= 1.5,
+      "batch4_greedy_speedup": best4["speedup"],
+      "batch4_goal_1.5x": best4["speedup"] is not None and best4["speedup"] >= 1.5,
+      "vs_hf_assisted": round(hf_best / scratch1["spec_s"], 3),
+      "vs_hf_goal_1.5x": hf_best / scratch1["spec_s"] >= 1.5,
   }
   result = {
       "benchmark": "speculative", "command": " ".join(["python"] + sys.argv),
