@@ -23,8 +23,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.FIELD=VALUE")
+  from effjax import launch_logging
   from effjax.speculative import experiment  # After flag parsing, so --help stays fast.
-  logging.getLogger("effjax").setLevel(logging.WARNING)
+  launch_logging.setup(logging.WARNING)
   results = experiment.run(_CONFIG.value, _WORKDIR.value)
   best = {}
   for row in results["rows"]:
