@@ -227,5 +227,10 @@ def test_cli_model_config_from_experiment_config():
   assert lm_config_from_experiment({"model": "lm/tiny"}) == registry.get("lm/tiny")
   got = lm_config_from_experiment({"model": {"name": "lm/tiny", "d_model": 32, "lr": 1.0}})
   assert got == registry.get("lm/tiny", d_model=32)
+  # The trainer's config.json: every LMConfig field under model_overrides, None = keep the variant's.
+  from effjax.train import lm_task
+  overrides = lm_task.model_overrides(remat=True).to_dict()
+  got = lm_config_from_experiment({"model": "lm/tiny", "model_overrides": overrides})
+  assert got == registry.get("lm/tiny", remat=True)
   with pytest.raises(ValueError, match="--model"):
     lm_config_from_experiment({"optim": {"lr": 1.0}})

@@ -28,7 +28,8 @@ def lm_config_from_experiment(cfg: dict, model_name: str | None = None):
   fields = {f.name for f in dataclasses.fields(LMConfig)}
 
   def clean(d):
-    d = {k: v for k, v in dict(d).items() if k in fields}
+    # None means "the variant's value": the trainer's config.json lists every LMConfig field so.
+    d = {k: v for k, v in dict(d).items() if k in fields and v is not None}
     if isinstance(d.get("rope_scaling"), list):
       d["rope_scaling"] = tuple(d["rope_scaling"])
     return d
