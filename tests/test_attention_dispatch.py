@@ -156,6 +156,46 @@ def test_chunked_matches_reference(name):
     _close(got, want, relative=True)
 
 
+def _flat(x):
+  """[B, S, K, H] -> the KV cache's heads-major [B*K, S, H]."""
+  b, s, k, h = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(b * k, s, h)
+
+
+@pytest.mark.parametrize("name", sorted(CHUNKED_CASES))
+def test_flat_kv_layout_matches_bskh_for_every_impl(name):
+  """The KV cache's [B*K, S, H] layout gives what [B, S, K, H] gives, output, LSE and gradients."""
+  case = CHUNKED_CASES[name]
+  b, t, s, n, kh, h = case["b"], case["t"], case["s"], case["n"], case["k"], 32
+  q, k, v = _qkv(7, b, t, s, n, kh, h)
+  spec, softcap = case["spec"](b, t, s), case.get("softcap")
+  for impl in ("xla", "chunked"):
+    call = lambda q, k, v, layout: dot_product_attention(
+        q, k, v, spec, softcap=softcap, impl=impl, kv_chunk=32, precision="highest",
+        return_lse=True, kv_layout=layout)
+    flat = jax.jit(lambda q, k, v: call(q, _flat(k), _flat(v), "flat"))
+    want = call(q, k, v, "bskh")
+    got = flat(q, k, v)
+    _close(got[0], want[0], 1e-5)
+    _close(got[1], want[1], 1e-5)
+    cot = jnp.ones_like(want[0])
+    pull = jax.grad(lambda q, k, v: jnp.sum(flat(q, k, v)[0] * cot), argnums=(0, 1, 2))
+    want_pull = jax.grad(lambda q, k, v: jnp.sum(call(q, k, v, "bskh")[0] * cot),
+                         argnums=(0, 1, 2))
+    for g, w in zip(pull(q, k, v), want_pull(q, k, v)):
+      _close(g, w, 1e-5, relative=True)
+
+
+def test_flat_kv_layout_bad_input_says_what_is_wrong():
+  q, k, v = _qkv(8, 2, 3, 10, 4, 2, 16)
+  with pytest.raises(ValueError, match="unknown kv_layout 'bksh'"):
+    dot_product_attention(q, k, v, kv_layout="bksh")
+  with pytest.raises(ValueError, match=r"kv_layout='flat' expects \[batch \* kv_heads"):
+    dot_product_attention(q, k, v, kv_layout="flat")  # Still [B, S, K, H].
+  with pytest.raises(ValueError, match="3 query heads are not a multiple of 2 kv heads"):
+    dot_product_attention(q[:, :, :3], _flat(k), _flat(v), kv_layout="flat")
+
+
 def test_chunked_with_extra_mask_matches_xla():
   q, k, v = _qkv(5, 1, 6, 70, 2, 2, 16)
   extra = jnp.asarray(np.random.default_rng(5).random((1, 6, 70)) < 0.7)

@@ -63,17 +63,23 @@ def test_tree_pass_matches_sequential_forward(lm_params):
 
 
 def test_compact_cache_moves_path_slots():
-  b, s = 2, 12
-  vals = np.arange(b * s, dtype=np.float32).reshape(b, s, 1, 1) * np.ones((1, 1, 2, 3), np.float32)
+  b, s, kv_heads = 2, 12, 2
+  # Row r, kv head j, slot i holds 100 * j + 12 * r + i, in the cache's [B*K, S, H] layout.
+  vals = (np.arange(b * s, dtype=np.float32).reshape(b, 1, s, 1)
+          + 100 * np.arange(kv_heads, dtype=np.float32).reshape(1, kv_heads, 1, 1)
+          ) * np.ones((1, 1, 1, 3), np.float32)
+  vals = vals.reshape(b * kv_heads, s, 3)
   cache = KVCache(k=(jnp.asarray(vals),), v=(jnp.asarray(-vals),), lengths=jnp.array([7, 9]))
   old = jnp.array([2, 3])
   path = jnp.array([[0, 2, 5, -1], [0, 1, 3, 4]])  # row 0 keeps nodes 0, 2, 5; row 1 nodes 0, 1
   out = compact_cache(cache, old, path, jnp.array([3, 2]))
   np.testing.assert_array_equal(out.lengths, [5, 5])
-  k = np.asarray(out.k[0])[:, :, 0, 0]
-  np.testing.assert_array_equal(k[0, :5], [0, 1, 2, 4, 7])  # slots 2, 4, 7 -> 2, 3, 4
-  np.testing.assert_array_equal(k[1, :5], [12, 13, 14, 15, 16])  # already contiguous
-  np.testing.assert_array_equal(np.asarray(out.v[0])[0, :5, 0, 0], [0, -1, -2, -4, -7])
+  k = np.asarray(out.row_view(out.k[0]))[..., 0]  # [B, S, K]
+  np.testing.assert_array_equal(k[0, :5, 0], [0, 1, 2, 4, 7])  # slots 2, 4, 7 -> 2, 3, 4
+  np.testing.assert_array_equal(k[0, :5, 1], [100, 101, 102, 104, 107])  # every kv head moves
+  np.testing.assert_array_equal(k[1, :5, 0], [12, 13, 14, 15, 16])  # already contiguous
+  np.testing.assert_array_equal(np.asarray(out.row_view(out.v[0]))[0, :5, 0, 0],
+                                [0, -1, -2, -4, -7])
 
 
 def _random_heads(lm_params, hc, seed):

@@ -11,6 +11,10 @@
 * `"auto"`    Pallas on TPU/GPU, otherwise chunked for long keys (>= `AUTO_CHUNK_THRESHOLD`) and XLA
               for short ones.
 
+Keys and values come as [B, S, K, H] (`kv_layout="bskh"`) or, for the LM's KV cache, heads-major and
+flattened as [B*K, S, H] (`kv_layout="flat"`): XLA reads that layout directly; the other
+implementations receive it transposed to [B, S, K, H].
+
 When the chosen implementation cannot serve a call (say cuDNN with an extra mask), `strict=True` raises
 and `strict=False` falls back to XLA/chunked with a one-time warning that says why.
 """
@@ -27,6 +31,7 @@ from effjax.attention.mask import MaskSpec
 from effjax.attention import xla as xla_impl
 
 IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")
+KV_LAYOUTS = ("bskh", "flat")
 AUTO_CHUNK_THRESHOLD = 4096
 _warned: set[str] = set()
 
@@ -73,13 +78,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
                           scale: Optional[float] = None, softcap: Optional[float] = None,
                           impl: str = "auto", strict: bool = False,
                           interpret: Optional[bool] = None, kv_chunk: int = 512,
-                          precision=None, return_lse: bool = False):
+                          precision=None, return_lse: bool = False, kv_layout: str = "bskh"):
   """Scaled dot-product attention with grouped-query support.
 
   Args:
     q: [B, T, N, H] queries.
-    k: [B, S, K, H] keys, N % K == 0.
-    v: [B, S, K, H] values.
+    k: [B, S, K, H] keys, N % K == 0 ([B*K, S, H] with `kv_layout="flat"`).
+    v: values, shaped as k.
     spec: which keys each query sees (see `effjax.attention.mask`).
     scale: logit scale (default 1/sqrt(H)).
     softcap: if set, logits -> softcap * tanh(logits / softcap) (Gemma-2 style).
@@ -89,13 +94,28 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     kv_chunk: key chunk of the chunked path.
     precision: matmul precision for the XLA paths (e.g. `jax.lax.Precision.HIGHEST` for exactness tests).
     return_lse: also return the [B, N, T] log-sum-exp.
+    kv_layout: "bskh" or "flat" (heads-major [B*K, S, H], the KV cache's layout).
 
   Returns:
     [B, T, N, H] outputs (and the LSE if asked).
   """
-  _validate(q, k, v, spec)
+  if kv_layout not in KV_LAYOUTS:
+    raise ValueError(f"unknown kv_layout {kv_layout!r}; choose one of {KV_LAYOUTS}")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   chosen = resolve_impl(impl, k.shape[1])
+  if kv_layout == "flat":
+    if k.ndim != 3 or k.shape != v.shape or k.shape[0] % q.shape[0]:
+      raise ValueError(f"kv_layout='flat' expects [batch * kv_heads, seq, head_dim] keys and "
+                       f"values; got k{k.shape}, v{v.shape} for q{q.shape}")
+    if chosen == "xla":
+      bk, s, h = k.shape
+      as_bskh = jax.ShapeDtypeStruct((q.shape[0], s, bk // q.shape[0], h), k.dtype)
+      _validate(q, as_bskh, as_bskh, spec)
+      out, lse = xla_impl.flat_kv_attention(q, k, v, spec, scale=scale, softcap=softcap,
+                                            precision=precision)
+      return (out, lse) if return_lse else out
+    k, v = xla_impl.unflatten_kv(k, q.shape[0]), xla_impl.unflatten_kv(v, q.shape[0])
+  _validate(q, k, v, spec)
   if chosen == "cudnn":
     reason = None
     if jax.default_backend() != "gpu":

@@ -2,6 +2,7 @@
 
 Both take [B, T, N, H] queries and [B, S, K, H] keys/values with N = K * G (grouped-query attention),
 a `MaskSpec`, and return [B, T, N, H] outputs plus the [B, N, T] log-sum-exp of the scaled logits.
+`flat_kv_attention` is the XLA path for the KV cache's heads-major [B*K, S, H] layout.
 Fully masked rows return zeros (not NaN) and an LSE of MASK_VALUE.
 """
 
@@ -28,6 +29,24 @@ def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
   return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)  # [B, T, K, G, H]
 
 
+def _masked_softmax(logits: jax.Array, mask: Optional[jax.Array]):
+  """Softmax over the last axis of [B, K, G, T, S] logits under a [B, T, S] mask (or None).
+
+  Returns probabilities (zeros in fully masked rows, never NaN) and the [B, K, G, T] LSE
+  (MASK_VALUE in fully masked rows).
+  """
+  if mask is not None:
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  p = jnp.exp(logits - m)
+  if mask is not None:
+    p = jnp.where(mask[:, None, None], p, 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  safe_l = jnp.where(l == 0.0, 1.0, l)
+  lse = jnp.where(l[..., 0] == 0.0, MASK_VALUE, m[..., 0] + jnp.log(safe_l[..., 0]))
+  return p / safe_l, lse
+
+
 def xla_attention(q, k, v, spec: MaskSpec, *, scale: float, softcap: Optional[float] = None,
                   precision=None):
   """Materialises the full [B, K, G, T, S] logits. Fast for short sequences, O(T*S) memory."""
@@ -37,21 +56,41 @@ def xla_attention(q, k, v, spec: MaskSpec, *, scale: float, softcap: Optional[fl
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=precision,
                       preferred_element_type=jnp.float32) * scale
   logits = _soft_cap(logits, softcap)
-  if spec.has_mask():
-    mask = spec.dense(b, t, s)  # [B, T, S]
-    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-  else:
-    mask = None
-  m = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.exp(logits - m)
-  if mask is not None:
-    p = jnp.where(mask[:, None, None], p, 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  safe_l = jnp.where(l == 0.0, 1.0, l)
-  out = jnp.einsum("bkgts,bskh->btkgh", (p / safe_l).astype(v.dtype), v, precision=precision,
+  probs, lse = _masked_softmax(logits, spec.dense(b, t, s) if spec.has_mask() else None)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, precision=precision,
                    preferred_element_type=jnp.float32)
-  lse = jnp.where(l[..., 0] == 0.0, MASK_VALUE, m[..., 0] + jnp.log(safe_l[..., 0]))
   return out.reshape(b, t, n, h).astype(q.dtype), lse.reshape(b, n, t)
+
+
+def flat_kv_attention(q, k, v, spec: MaskSpec, *, scale: float, softcap: Optional[float] = None,
+                      precision=None):
+  """`xla_attention` for keys/values stored heads-major and flattened: [B*K, S, H].
+
+  This is the layout of the LM's KV cache (`effjax.models.lm.KVCache`). Each (row, kv head) block
+  is one contiguous [S, H] matrix, so both attention matmuls are plain batched matmuls over B*K
+  with the G*T queries of a kv head as rows. With [B, S, K, H] operands XLA:CPU copied (transposed)
+  every layer's cache on every decode step, a sixth of a decode step's time (RESULTS.md).
+  """
+  b, t, n, h = q.shape
+  bk, s = k.shape[0], k.shape[1]
+  kh = bk // b
+  g = n // kh
+  q_rows = _grouped(q, kh).transpose(0, 2, 3, 1, 4).reshape(bk, g * t, h)  # [B*K, G*T, H]
+  logits = jax.lax.dot_general(q_rows, k, (((2,), (2,)), ((0,), (0,))), precision=precision,
+                               preferred_element_type=jnp.float32) * scale  # [B*K, G*T, S]
+  logits = _soft_cap(logits.reshape(b, kh, g, t, s), softcap)
+  probs, lse = _masked_softmax(logits, spec.dense(b, t, s) if spec.has_mask() else None)
+  out = jax.lax.dot_general(probs.astype(v.dtype).reshape(bk, g * t, s), v,
+                            (((2,), (1,)), ((0,), (0,))), precision=precision,
+                            preferred_element_type=jnp.float32)  # [B*K, G*T, H]
+  out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4)  # [B, T, K, G, H]
+  return out.reshape(b, t, n, h).astype(q.dtype), lse.reshape(b, n, t)
+
+
+def unflatten_kv(x: jax.Array, batch: int) -> jax.Array:
+  """[B*K, S, H] heads-major keys or values -> [B, S, K, H]."""
+  bk, s, h = x.shape
+  return x.reshape(batch, bk // batch, s, h).transpose(0, 2, 1, 3)
 
 
 def chunked_attention(q, k, v, spec: MaskSpec, *, scale: float, softcap: Optional[float] = None,

@@ -103,11 +103,14 @@ def compact_cache(cache: KVCache, old_lengths: jax.Array, path_nodes: jax.Array,
   """
   src = old_lengths[:, None] + jnp.maximum(path_nodes, 0)  # [B, P]
   src = jnp.minimum(src, cache.max_len - 1)
+  kv_heads = cache.kv_heads
+  src = jnp.repeat(src, kv_heads, axis=0)  # [B*K, P]: the cache blocks are heads-major per row
+  dst = jnp.repeat(old_lengths, kv_heads)[:, None] + jnp.arange(src.shape[1])[None, :]  # [B*K, P]
+  blocks = jnp.arange(src.shape[0])[:, None]
 
-  def move(buf):  # [B, S, K, H]
-    picked = jnp.take_along_axis(buf, src[:, :, None, None], axis=1)  # [B, P, K, H]
-    return jax.vmap(lambda bb, n, s: jax.lax.dynamic_update_slice(bb, n, (s, 0, 0)))(
-        buf, picked, old_lengths)
+  def move(buf):  # [B*K, S, H]
+    picked = jnp.take_along_axis(buf, src[:, :, None], axis=1)  # [B*K, P, H]
+    return buf.at[blocks, dst].set(picked, mode="drop", unique_indices=True)
 
   return KVCache(k=tuple(move(x) for x in cache.k), v=tuple(move(x) for x in cache.v),
                  lengths=(old_lengths + num_kept).astype(jnp.int32))

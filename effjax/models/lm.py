@@ -74,9 +74,14 @@ class LMConfig(Numerics):
 class KVCache:
   """Per-layer keys and values in fixed-size buffers, plus each row's number of valid slots.
 
+  The buffers are heads-major and flattened, [B*K, S, H]: kv head j of row b is the contiguous
+  [S, H] matrix at index b * K + j. Decode attention is then one batched matmul per layer over
+  B*K blocks that reads the buffer in place; the [B, S, K, H] layout this replaced made XLA:CPU
+  transpose every layer's cache on every step (10-20% of decoding time, RESULTS.md).
+
   Attributes:
-    k: tuple over layers of [B, S, K, H].
-    v: tuple over layers of [B, S, K, H].
+    k: tuple over layers of [B*K, S, H].
+    v: tuple over layers of [B*K, S, H].
     lengths: [B] int32, valid slots per row.
   """
 
@@ -88,6 +93,21 @@ class KVCache:
   def max_len(self) -> int:
     return self.k[0].shape[1]
 
+  @property
+  def kv_heads(self) -> int:
+    return self.k[0].shape[0] // self.lengths.shape[0]
+
+  def row(self, r) -> "KVCache":
+    """Row `r` (an int or a traced scalar) alone, as a batch-1 cache."""
+    k = self.kv_heads
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, r * k, k, axis=0)
+    return KVCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)),
+                   lengths=jax.lax.dynamic_slice_in_dim(self.lengths, r, 1))
+
+  def row_view(self, x: jax.Array) -> jax.Array:
+    """One layer's [B*K, S, H] buffer as [B, S, K, H] (a copy; for inspection and tests)."""
+    return x.reshape(-1, self.kv_heads, *x.shape[1:]).transpose(0, 2, 1, 3)
+
   def with_lengths(self, lengths: jax.Array) -> "KVCache":
     """Rollback (or commit) by length alone: no data moves."""
     return self.replace(lengths=lengths.astype(jnp.int32))
@@ -98,7 +118,7 @@ def init_cache(config: LMConfig, batch: int, max_len: Optional[int] = None,
   """An empty cache of `max_len` slots (default `config.max_len`)."""
   max_len = config.max_len if max_len is None else max_len
   dtype = config.compute_dtype if dtype is None else dtype
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (batch * config.num_kv_heads, max_len, config.head_dim)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                  lengths=jnp.zeros((batch,), jnp.int32))
@@ -171,10 +191,15 @@ def _dense_param(module, name, shape, axes, dtype, fan_in):
 
 
 def _write_cache(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-  """Writes new [B, T, K, H] into buf [B, S, K, H] at per-row slot `starts` [B]."""
-  def one(b, n, s):
-    return jax.lax.dynamic_update_slice(b, n.astype(b.dtype), (s, 0, 0))
-  return jax.vmap(one)(buf, new, starts)
+  """Writes new [B, T, K, H] into buf [B*K, S, H] at per-row slot `starts` [B].
+
+  One scatter; slots past the end are dropped (callers check lengths before decoding).
+  """
+  b, t, k, h = new.shape
+  new = jnp.swapaxes(new, 1, 2).reshape(b * k, t, h).astype(buf.dtype)  # [B*K, T, H]
+  blocks = jnp.arange(b * k, dtype=jnp.int32)[:, None]  # [B*K, 1]
+  slots = jnp.repeat(starts, k)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B*K, T]
+  return buf.at[blocks, slots].set(new, mode="drop", unique_indices=True)
 
 
 class Attention(nn.Module):
@@ -204,7 +229,7 @@ class Attention(nn.Module):
       spec = MaskSpec(q_positions=positions, kv_positions=positions, causal=True,
                       q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     else:
-      all_k = _write_cache(layer_k, key, lengths)  # [B, S, K, H]
+      all_k = _write_cache(layer_k, key, lengths)  # [B*K, S, H]
       all_v = _write_cache(layer_v, val, lengths)
       s = all_k.shape[1]
       if new_token_mask is None:
@@ -220,7 +245,8 @@ class Attention(nn.Module):
         spec = MaskSpec(kv_lengths=lengths + t, extra_mask=extra)
     out = dot_product_attention(q, all_k, all_v, spec, impl=cfg.attention_impl,
                                 kv_chunk=cfg.attention_kv_chunk, precision=prec,
-                                interpret=cfg.attention_interpret)  # [B, T, N, H]
+                                interpret=cfg.attention_interpret,
+                                kv_layout="bskh" if layer_k is None else "flat")  # [B, T, N, H]
     # As one [B, T, N*H] x [N*H, D] matmul: written as "btnh,nhd->btd", XLA:CPU transposed wo into
     # [H, N, D] on every call (a quarter of a small model's decode step).
     out = jnp.einsum("btf,fd->btd", out.reshape(out.shape[0], t, n * h),
