@@ -4,8 +4,9 @@ The same random weights run in both (effjax params exported with `effjax.interop
 same prompts (128 random bytes), greedy, 128 new tokens, no early stop, batch 1 and 8, for two sizes:
 `small` (~4.8M parameters, 19 MB in float32: fits the last-level cache) and `large` (~32M, 126 MB:
 several times the LLC). Reported: end-to-end tokens/s (prefill included, compilation and warm-up
-excluded), medians over repeats, the effjax/transformers ratio, and effjax's fraction of this
-machine's roofline.
+excluded), medians over repeats (effjax and transformers timed in alternation, so load drifting
+on a shared machine hits both alike), the effjax/transformers ratio, and effjax's fraction of
+this machine's roofline.
 
 Roofline: measured in the same run, at its start and its end, best figure kept (a ceiling; other jobs
 only slow a run). Memory bandwidth = bytes / time of a jitted `jnp.sum` over a 512 MB float32 array
@@ -17,7 +18,7 @@ floor of one generation is
 and effjax's fraction = floor / measured time. For the LLC-resident `small` model the DRAM bandwidth
 is not its ceiling (weights come from cache), so its fraction can exceed 1.
 
-  python benchmarks/decode.py            # full: 128/128 tokens, 3 repeats
+  python benchmarks/decode.py            # full: 128/128 tokens, 5 repeats
   python benchmarks/decode.py --quick    # < 2 min: 128 prompt / 32 new tokens, 1 repeat
 
 transformers is measured fairly: `torch.inference_mode()`, its KV cache on, SDPA attention,
@@ -65,10 +66,6 @@ def _times(fn, repeats: int) -> list[float]:
   return times
 
 
-def _median_time(fn, repeats: int) -> float:
-  return float(np.median(_times(fn, repeats)))
-
-
 def measure_machine(quick: bool) -> dict:
   """Streaming-read bandwidth and float32 matmul rate of this machine, measured now.
 
@@ -113,7 +110,8 @@ def roofline_seconds(cfg: LMConfig, batch: int, prompt: int, new: int, machine: 
   return total
 
 
-def bench_effjax(params, cfg, prompts, new, repeats):
+def effjax_runner(params, cfg, prompts, new):
+  """Compiles and warms effjax's generation; returns (timed call, tokens, compile seconds)."""
   def run():
     out = engine.generate(params, cfg, prompts, max_new_tokens=new)
     out.tokens.block_until_ready()
@@ -121,21 +119,35 @@ def bench_effjax(params, cfg, prompts, new, repeats):
   start = time.perf_counter()
   tokens = np.asarray(run().tokens)  # compile + first run
   compile_s = time.perf_counter() - start
-  return _median_time(run, repeats), tokens, compile_s
+  return run, tokens, compile_s
 
 
-def bench_hf(model, prompts, new, repeats):
+def hf_runner(model, prompts, new):
+  """Warms transformers' `generate`; returns (timed call, tokens)."""
   import torch
   ids = torch.from_numpy(prompts.astype(np.int64))
   kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None,
             pad_token_id=0, use_cache=True)
+
+  def run():
+    with torch.inference_mode():
+      return model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
   with torch.inference_mode():
     model.generate(ids, max_new_tokens=4, **kw)  # warm-up
-    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+  return run, run()[:, prompts.shape[1]:].numpy()
 
-    def run():
-      model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-    return _median_time(run, repeats), out[:, prompts.shape[1]:].numpy()
+
+def interleaved_medians(runs: dict, repeats: int) -> dict:
+  """Median seconds of each call, timed in alternation (a, b, a, b, ...).
+
+  On a shared machine the load drifts within a run; alternating puts both sides under the same
+  drift, so their ratio is steadier than that of two back-to-back blocks of repeats.
+  """
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, fn in runs.items():
+      times[name].append(_times(fn, 1)[0])
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main():
@@ -143,14 +155,14 @@ def main():
   ap.add_argument("--quick", action="store_true", help="fewer new tokens and repeats (< 2 min)")
   ap.add_argument("--prompt_len", type=int, default=128)
   ap.add_argument("--new_tokens", type=int, default=None, help="default 128 (32 with --quick)")
-  ap.add_argument("--repeats", type=int, default=None, help="default 3 (1 with --quick)")
+  ap.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
   ap.add_argument("--models", default="small,large")
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--no_bf16", action="store_true", help="skip the effjax bfloat16 variant")
   args = ap.parse_args()
   new = args.new_tokens or (32 if args.quick else 128)
-  repeats = args.repeats or (1 if args.quick else 3)
+  repeats = args.repeats or (1 if args.quick else 5)
   import torch
   torch.set_num_threads(2)
   from effjax.interop import hf_llama
@@ -165,13 +177,18 @@ def main():
     for batch in [int(b) for b in args.batches.split(",")]:
       prompts = np.random.default_rng(batch).integers(0, 256, (batch, args.prompt_len)).astype(
           np.int32)
-      t_eff, tok_eff, compile_s = bench_effjax(params, cfg, prompts, new, repeats)
+      runs = {}
+      runs["effjax"], tok_eff, compile_s = effjax_runner(params, cfg, prompts, new)
+      if hf_model is not None:
+        runs["hf"], tok_hf = hf_runner(hf_model, prompts, new)
+      medians = interleaved_medians(runs, repeats)
+      t_eff = medians["effjax"]
       row = {"model": name, "params_M": cfg.num_params() / 1e6,
              "weight_MB": cfg.num_params() * 4 / 1e6, "batch": batch,
              "effjax_tok_s": batch * new / t_eff, "effjax_s": t_eff,
              "effjax_compile_s": compile_s, "_cfg": cfg}
       if hf_model is not None:
-        t_hf, tok_hf = bench_hf(hf_model, prompts, new, repeats)
+        t_hf = medians["hf"]
         agree = (tok_eff == tok_hf)
         row.update({"hf_tok_s": batch * new / t_hf, "hf_s": t_hf, "speedup": t_hf / t_eff,
                     "rows_token_identical": int(agree.all(axis=1).sum()),
@@ -182,7 +199,8 @@ def main():
       cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
       params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
       prompts = np.random.default_rng(1).integers(0, 256, (1, args.prompt_len)).astype(np.int32)
-      t16, _, _ = bench_effjax(params16, cfg16, prompts, new, repeats)
+      run16, _, _ = effjax_runner(params16, cfg16, prompts, new)
+      t16 = interleaved_medians({"bf16": run16}, repeats)["bf16"]
       row = {"model": name + "_bf16", "batch": 1, "effjax_tok_s": new / t16, "effjax_s": t16,
              "_cfg": cfg16}
       log(json.dumps({k: v for k, v in row.items() if k != "_cfg"}))
