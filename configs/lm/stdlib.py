@@ -6,9 +6,10 @@ Default (lm/small, 4.8M parameters), the real CPU run:
 
   Hardware: 2 CPU cores. Runtime: 2.5 min on an idle 2-core machine (148 s measured 2026-11-29 as
   the main job's first step, corpus build and compilation included; 2,300 tokens/s).
-  Result: validation 2.81 bits per byte at step 300 (val loss 1.946 nats/byte; 3.51 at step 100,
-  3.23 at step 200; train 2.82; reproduced to the digit on 2026-11-29), 16 validation batches =
-  16,382 bytes. 300 steps x 1,024 bytes see 3% of the 10.3 MB training split, so the loss is still
+  Result: validation 2.81 bits per byte at step 300 (val loss 1.9489 nats/byte; 3.51 at step 100,
+  3.21 at step 200), 16 validation batches = 16,382 bytes. Reruns reproduce it to the digit; the
+  2026-11-29 rewrite of the attention output projection as one [B, T, N*H] x [N*H, D] matmul changed
+  float rounding, which moved it from 1.9461 (same 2.81 bits per byte). 300 steps x 1,024 bytes see 3% of the 10.3 MB training split, so the loss is still
   falling steeply when it stops.
 
 Variants (the arg after the colon):
