@@ -16,6 +16,8 @@ import os
 import pathlib
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from effjax.models.bert import WORDPIECE_UNCASED, BertConfig
@@ -60,7 +62,8 @@ def config_from_hf(model_dir: os.PathLike, **overrides) -> BertConfig:
 
 
 def params_from_state_dict(sd: dict, config: BertConfig, prefix: str = "") -> dict:
-  """Maps a transformers BertModel state dict (numpy arrays) to effjax params `{'params': ...}`.
+  """Maps a transformers BertModel state dict (numpy arrays) to effjax params `{'params': ...}`
+  holding device arrays.
 
   Args:
     sd: name -> array, transformers naming (`embeddings.word_embeddings.weight`, ...).
@@ -108,7 +111,9 @@ def params_from_state_dict(sd: dict, config: BertConfig, prefix: str = "") -> di
     if p[name].shape != shape:
       raise ValueError(f"checkpoint {name} has shape {p[name].shape}, config expects {shape}; "
                        "build the config with config_from_hf(model_dir)")
-  return {"params": p}
+  # Device arrays, not numpy: a jitted call copies numpy arguments host-to-device on every call,
+  # which made each forward of MiniLM (90 MB) cost ~43 ms more than its compute.
+  return {"params": jax.tree.map(jnp.asarray, p)}
 
 
 def load_bert(model_dir: os.PathLike, **config_overrides) -> tuple[BertConfig, dict]:
