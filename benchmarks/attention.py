@@ -21,9 +21,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench_timing import interleaved_medians  # noqa: E402
 from effjax.attention import MaskSpec, dot_product_attention  # noqa: E402
 from effjax.attention import xla as xla_impl  # noqa: E402
 
@@ -38,16 +37,9 @@ GB = 1e9
 
 
 def _interleaved_medians(fns: dict, args, repeats: int) -> dict:
-  """Median seconds per function, alternating functions each round so load drifts hit all alike."""
-  for fn in fns.values():
-    jax.block_until_ready(fn(*args))
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  """Median seconds per attention function applied to `args` (see bench_timing)."""
+  return interleaved_medians({name: (lambda fn=fn: jax.block_until_ready(fn(*args)))
+                              for name, fn in fns.items()}, repeats)
 
 
 def _fwd_bwd(attend):

@@ -42,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_timing import interleaved_medians  # noqa: E402
 from effjax.generate import engine  # noqa: E402
 from effjax.models import LMConfig, random_params  # noqa: E402
 
@@ -137,19 +138,6 @@ def hf_runner(model, prompts, new):
   return run, run()[:, prompts.shape[1]:].numpy()
 
 
-def interleaved_medians(runs: dict, repeats: int) -> dict:
-  """Median seconds of each call, timed in alternation (a, b, a, b, ...).
-
-  On a shared machine the load drifts within a run; alternating puts both sides under the same
-  drift, so their ratio is steadier than that of two back-to-back blocks of repeats.
-  """
-  times = {name: [] for name in runs}
-  for _ in range(repeats):
-    for name, fn in runs.items():
-      times[name].append(_times(fn, 1)[0])
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true", help="fewer new tokens and repeats (< 2 min)")
@@ -181,7 +169,7 @@ def main():
       runs["effjax"], tok_eff, compile_s = effjax_runner(params, cfg, prompts, new)
       if hf_model is not None:
         runs["hf"], tok_hf = hf_runner(hf_model, prompts, new)
-      medians = interleaved_medians(runs, repeats)
+      medians = interleaved_medians(runs, repeats, warmup=False)  # runners come warmed up
       t_eff = medians["effjax"]
       row = {"model": name, "params_M": cfg.num_params() / 1e6,
              "weight_MB": cfg.num_params() * 4 / 1e6, "batch": batch,
@@ -200,7 +188,7 @@ def main():
       params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
       prompts = np.random.default_rng(1).integers(0, 256, (1, args.prompt_len)).astype(np.int32)
       run16, _, _ = effjax_runner(params16, cfg16, prompts, new)
-      t16 = interleaved_medians({"bf16": run16}, repeats)["bf16"]
+      t16 = interleaved_medians({"bf16": run16}, repeats, warmup=False)["bf16"]
       row = {"model": name + "_bf16", "batch": 1, "effjax_tok_s": new / t16, "effjax_s": t16,
              "_cfg": cfg16}
       log(json.dumps({k: v for k, v in row.items() if k != "_cfg"}))

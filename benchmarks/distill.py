@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -33,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 
+from bench_timing import interleaved_medians  # noqa: E402
 from effjax.distill import student_init  # noqa: E402
 from effjax.eval import wordnet_retrieval as wr  # noqa: E402
 from effjax.interop import hf_bert  # noqa: E402
@@ -42,18 +42,6 @@ FALLBACK = ["a protective cloth covering for an injured eye",
             "the trait of refusing to repent",
             "a differential equation that describes the passage of harmonic waves through a medium",
             "large African viper that inflates its body when alarmed"]
-
-
-def _interleaved(fns: dict, repeats: int) -> dict:
-  for fn in fns.values():
-    fn()  # compile / warm up
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _sentences(n: int) -> tuple[list[str], str]:
@@ -97,7 +85,7 @@ def encoder_section(quick: bool, student_workdir: str | None) -> dict:
           fwd[n](params[n], *tok.encode_batch(texts))))
     if peer is not None:
       fns["sentence_transformers_teacher"] = lambda: peer.encode(texts, batch_size=bs)
-    med = _interleaved(fns, repeats)
+    med = interleaved_medians(fns, repeats)
     row = {f"{k}_ms": v * 1e3 for k, v in med.items()}
     row["speedup_forward"] = med["teacher_forward"] / med["student_forward"]
     row["speedup_end_to_end"] = med["teacher_end_to_end"] / med["student_end_to_end"]

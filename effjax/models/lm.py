@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.attention import MaskSpec, dot_product_attention
+from effjax.attention.xla import unflatten_kv
 from effjax.models.numerics import Numerics
 
 
@@ -106,7 +107,7 @@ class KVCache:
 
   def row_view(self, x: jax.Array) -> jax.Array:
     """One layer's [B*K, S, H] buffer as [B, S, K, H] (a copy; for inspection and tests)."""
-    return x.reshape(-1, self.kv_heads, *x.shape[1:]).transpose(0, 2, 1, 3)
+    return unflatten_kv(x, self.lengths.shape[0])
 
   def with_lengths(self, lengths: jax.Array) -> "KVCache":
     """Rollback (or commit) by length alone: no data moves."""
