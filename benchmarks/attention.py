@@ -9,8 +9,9 @@ times are medians of interleaved runs. Goals: chunked fits 32k in 2 GB of tempor
 GPU/TPU (when `jax.default_backend()` is one): TFLOP/s of forward and forward+backward in bfloat16,
 S = 512 .. 16k, head_dim 64 and 128, causal on and off, GQA 8:1, for effjax's Pallas kernel, cuDNN
 (`jax.nn.dot_product_attention(implementation="cudnn")`, GPU only) and XLA. FLOPs: forward
-4 * B * S^2 * N * H (halved when causal), backward 2.5x forward (REFERENCES 3). Goal on H100: Pallas
-forward >= 0.8x cuDNN and >= 2x XLA.
+4 * B * S^2 * N * H (halved when causal), backward 2.5x forward (REFERENCES 3); each time is the
+median of 7 rounds of 10 back-to-back calls, so the device queue stays full (`per_call_seconds`).
+Goal on H100: Pallas forward >= 0.8x cuDNN and >= 2x XLA.
 
 Usage: python benchmarks/attention.py [--quick]. The last stdout line is one JSON object.
 """
@@ -29,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_timing import interleaved_medians  # noqa: E402
+from bench_timing import interleaved_medians, per_call_seconds  # noqa: E402
 from effjax.attention import MaskSpec, dot_product_attention  # noqa: E402
 from effjax.attention import xla as xla_impl  # noqa: E402
 
@@ -94,10 +95,10 @@ def _flops(b, s, n, h, causal, backward):
   return fwd * (3.5 if backward else 1.0)
 
 
-def accelerator_section(quick: bool):
+def accelerator_section(quick: bool, head_dims=None):
   backend = jax.default_backend()
   seqs = (512, 2048, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384)
-  head_dims = (128,) if quick else (64, 128)
+  head_dims = head_dims or ((128,) if quick else (128, 64))
   kv_heads, groups = 2, 8  # GQA 8:1
   n = kv_heads * groups
   results = []
@@ -130,7 +131,7 @@ def accelerator_section(quick: bool):
               ok[name] = fn
             except Exception as e:  # e.g. XLA out of memory at 16k, cuDNN shape limits.
               row[f"{name}_{mode}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
-          medians = _interleaved_medians(ok, (q, k, v), 5 if quick else 10)
+          medians = per_call_seconds(ok, (q, k, v), calls=10, rounds=5 if quick else 7)
           flops = _flops(b, s, n, h, causal, mode == "fwd_bwd")
           for name, sec in medians.items():
             row[f"{name}_{mode}_tflops"] = round(flops / sec / 1e12, 2)
@@ -161,6 +162,8 @@ def main(argv=None):
                       help="longest sequence at which the chunked path is timed on CPU; "
                       "default 1024 with --quick, else 16384")
   parser.add_argument("--skip-cpu", action="store_true", help="accelerator section only")
+  parser.add_argument("--head-dims", default=None,
+                      help="comma-separated head dims of the accelerator section (default 128,64)")
   args = parser.parse_args(argv)
   xla_max = args.xla_time_max or (1024 if args.quick else 4096)
   chunked_max = args.chunked_time_max or (1024 if args.quick else 16384)
@@ -178,7 +181,8 @@ def main(argv=None):
     with jax.default_device(jax.devices("cpu")[0]):
       result["cpu"] = cpu_section(args.quick, xla_max, chunked_max)
   if jax.default_backend() in ("gpu", "tpu"):
-    result["accelerator"] = accelerator_section(args.quick)
+    head_dims = tuple(int(h) for h in args.head_dims.split(",")) if args.head_dims else None
+    result["accelerator"] = accelerator_section(args.quick, head_dims)
   else:
     result["accelerator"] = "not run: no GPU/TPU backend"
   print(json.dumps(result))

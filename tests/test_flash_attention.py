@@ -74,7 +74,8 @@ def _cotangents(seed, out_shape, lse_shape):
 
 
 def _vjp(fn, q, k, v, cot):
-  (out, lse), pullback = jax.vjp(fn, q, k, v)
+  # Under jit the references run as one program, not op by op (which on a GPU compiles every op).
+  (out, lse), pullback = jax.vjp(jax.jit(fn), q, k, v)
   do, dlse = cot
   return out, lse, pullback((do.astype(out.dtype), dlse))
 

@@ -1,0 +1,237 @@
+"""Compiled-kernel checks and tile tuning for a lent GPU (the parts of #4 a CPU cannot do).
+
+Sections, each printing JSON lines (stderr) and a summary (stdout's last line):
+  lm       - the LM trained 3 steps and decoded (prefill, then a 2-token step after a rollback) with
+             attention_impl="pallas" compiled for the GPU, against attention_impl="xla" (float32,
+             matmul precision "highest"): the CPU test `test_lm_trains_and_decodes_identically_on_pallas`
+             without interpret mode.
+  decode   - the split-K decode kernel compiled, against the `jnp` reference (float32 and bfloat16),
+             then timed against XLA attention over the same cache (bf16, T=1 and T=9 new tokens).
+  sweep    - forward and forward+backward time of `flash_attention_gpu` over a grid of `BlockSizes`
+             (bf16, causal, GQA 8:1, S=4096), to check the default table.
+
+Usage: python benchmarks/gpu_check.py [--sections lm,decode,sweep] [--sweep_seconds 120]
+Needs a GPU backend; `benchmarks/gpu_session.sh` runs it with the rest of the device checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_timing import per_call_seconds  # noqa: E402
+
+# --dry_run: the whole script on CPU, kernels in the Pallas interpreter, tiny shapes - to check the
+# script itself before spending device time on it.
+DRY_RUN = False
+
+
+def _emit(row: dict) -> dict:
+  print(json.dumps(row), file=sys.stderr, flush=True)
+  return row
+
+
+def _max_err(got, want, relative=False):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  err = float(np.max(np.abs(got - want)))
+  return err / max(float(np.max(np.abs(want))), 1e-6) if relative else err
+
+
+def lm_section() -> dict:
+  import optax
+  from effjax.models import lm, registry
+
+  base = registry.get("lm/tiny", matmul_precision="highest", num_layers=2)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 41), 0, 256)
+
+  def train(cfg, steps=3):
+    model = lm.LM(cfg)
+    params = lm.init_params(cfg, jax.random.PRNGKey(0))
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+      def loss_fn(p):
+        logits = model.apply(p, tokens[:, :-1]).logits
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for _ in range(steps):
+      params, state, loss = step(params, state)
+      losses.append(float(loss))
+    return losses, params
+
+  losses_xla, params = train(base.replace(attention_impl="xla"))
+  losses_pallas, _ = train(base.replace(attention_impl="pallas"))
+
+  def decode(impl):
+    cfg = base.replace(attention_impl=impl)
+    model = lm.LM(cfg)
+    cache = lm.init_cache(cfg, 2, 64).with_lengths(jnp.zeros((2,), jnp.int32))
+    prefill = model.apply(params, tokens[:, :20], cache=cache)
+    cache = prefill.cache.with_lengths(jnp.asarray([20, 15]))
+    step = model.apply(params, tokens[:, 20:22], cache=cache)
+    return prefill.logits, step.logits
+
+  errs = [_max_err(g, w) for g, w in zip(decode("pallas"), decode("xla"))]
+  loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses_pallas, losses_xla))
+  return _emit({"section": "lm", "losses_xla": losses_xla, "losses_pallas": losses_pallas,
+                "loss_max_rel_diff": loss_rel, "prefill_logits_max_err": errs[0],
+                "step_logits_max_err": errs[1],
+                "ok": loss_rel < 1e-5 and max(errs) < 1e-4})
+
+
+def decode_section() -> dict:
+  from kernels_pallas import decode_attention as decode_lib
+  from kernels_pallas.reference import attention_reference
+  from effjax.attention import xla as xla_impl
+  from effjax.attention.mask import MaskSpec
+
+  rows = []
+  rng = np.random.default_rng(0)
+  for dtype, t, window, softcap in (("float32", 1, None, None), ("float32", 4, 40, 20.0),
+                                    ("bfloat16", 9, None, None)):
+    b, s, n, kh, h = 3, 1000, 8, 2, 128
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+               for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h)))
+    lengths = jnp.asarray([t, 517, 1000])
+    kw = dict(kv_lengths=lengths, q_positions=lengths[:, None] - t + jnp.arange(t)[None, :],
+              causal=True, local_window=window, softcap=softcap)
+    out, lse = decode_lib.decode_attention(q, k, v, interpret=DRY_RUN, **kw)
+    with jax.default_matmul_precision("highest"):
+      want_out, want_lse = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), **kw)
+    tol = 2e-5 if dtype == "float32" else 3e-2
+    row = {"dtype": dtype, "t": t, "window": window, "softcap": softcap,
+           "out_err": _max_err(out, want_out), "lse_err": _max_err(lse, want_lse)}
+    row["ok"] = row["out_err"] <= tol and row["lse_err"] <= tol
+    rows.append(row)
+
+  timings = []
+  shapes = ((1, 1, 8192), (8, 1, 8192), (8, 9, 8192), (1, 1, 32768), (8, 1, 32768))
+  for b, t, s in (((2, 1, 256),) if DRY_RUN else shapes):
+    n, kh, h = 32, 8, 128
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+               for shape in ((b, t, n, h), (b, s, kh, h), (b, s, kh, h)))
+    lengths = jnp.full((b,), s, jnp.int32)
+    pos = lengths[:, None] - t + jnp.arange(t)[None, :]
+    spec = MaskSpec(causal=True, q_positions=pos, kv_lengths=lengths)
+    fns = {
+        "pallas_decode": jax.jit(lambda q, k, v: decode_lib.decode_attention(
+            q, k, v, kv_lengths=lengths, q_positions=pos, causal=True, interpret=DRY_RUN)[0]),
+        "xla": jax.jit(lambda q, k, v: xla_impl.xla_attention(q, k, v, spec,
+                                                              scale=h ** -0.5)[0]),
+    }
+    med = per_call_seconds(fns, (q, k, v), calls=50)
+    cache_bytes = 2 * b * s * kh * h * 2
+    timings.append(_emit({
+        "section": "decode_time", "batch": b, "tokens": t, "cache_len": s,
+        **{f"{name}_us": round(sec * 1e6, 1) for name, sec in med.items()},
+        "pallas_cache_gbps": round(cache_bytes / med["pallas_decode"] / 1e9, 1),
+        "xla_over_pallas": round(med["xla"] / med["pallas_decode"], 2)}))
+  return _emit({"section": "decode", "parity": rows, "ok": all(r["ok"] for r in rows),
+                "timings": timings})
+
+
+def sweep_section(budget_s: float) -> dict:
+  from kernels_pallas import flash_attention_gpu as gpu_lib
+  from kernels_pallas.block_sizes import BlockSizes, default_block_sizes
+
+  deadline = time.time() + budget_s
+  rng = np.random.default_rng(0)
+  b, s, n, kh = (1, 256, 16, 2) if DRY_RUN else (4, 4096, 16, 2)
+  results = {}
+  for h in (128, 64):
+    q = jnp.asarray(rng.standard_normal((b, s, n, h)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.bfloat16)
+    flops = 4 * b * s * s * n * h / 2
+    default = default_block_sizes("gpu", h)
+    if DRY_RUN:
+      fwd_grid, bwd_grid = [default, BlockSizes(block_q=64, block_k=32)], [default]
+    else:
+      fwd_grid = [default] + [BlockSizes(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+                              for bq, bk, w, st in itertools.product((64, 128), (32, 64, 128),
+                                                                     (4, 8), (2, 3))]
+      bwd_grid = [default] + [BlockSizes(block_q_bwd=bq, block_k_bwd=bk, num_warps=w,
+                                         num_stages=2)
+                              for bq, bk, w in itertools.product((32, 64, 128), (32, 64, 128),
+                                                                 (4, 8))]
+    for mode, grid in (("fwd", fwd_grid), ("fwd_bwd", bwd_grid)):
+      best = None
+      for sizes in grid:
+        if time.time() > deadline:
+          break
+        attend = lambda q, k, v, sz=sizes: gpu_lib.flash_attention(
+            q, k, v, causal=True, block_sizes=sz, interpret=DRY_RUN)[0]
+        if mode == "fwd":
+          fn = jax.jit(attend)
+        else:
+          fn = jax.jit(jax.grad(lambda q, k, v, a=attend: jnp.sum(a(q, k, v).astype(jnp.float32)),
+                                argnums=(0, 1, 2)))
+        try:
+          jax.block_until_ready(fn(q, k, v))
+          sec = per_call_seconds({"x": fn}, (q, k, v), calls=5)["x"]
+        except Exception as e:  # Shared-memory overflow or a Triton limit for this tile.
+          _emit({"section": "sweep", "head_dim": h, "mode": mode, "sizes": str(sizes),
+                 "error": f"{type(e).__name__}: {str(e)[:100]}"})
+          continue
+        tflops = flops * (3.5 if mode == "fwd_bwd" else 1.0) / sec / 1e12
+        _emit({"section": "sweep", "head_dim": h, "mode": mode, "default": sizes is default,
+               "sizes": str(sizes), "tflops": round(tflops, 1)})
+        if sizes is default:
+          results[f"h{h}_{mode}_default_tflops"] = round(tflops, 1)
+        if best is None or tflops > best[0]:
+          best = (tflops, str(sizes))
+      if best:
+        results[f"h{h}_{mode}_best"] = {"tflops": round(best[0], 1), "sizes": best[1]}
+  return _emit({"section": "sweep", "shape": dict(batch=b, seq=s, heads=n, kv_heads=kh,
+                                                  causal=True, dtype="bfloat16"), **results})
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sections", default="lm,decode,sweep")
+  parser.add_argument("--sweep_seconds", type=float, default=120.0)
+  parser.add_argument("--dry_run", action="store_true",
+                      help="CPU, Pallas interpreter, tiny shapes: checks this script, not the GPU")
+  args = parser.parse_args()
+  global DRY_RUN
+  DRY_RUN = args.dry_run
+  if DRY_RUN:
+    os.environ["EFFJAX_PALLAS_INTERPRET"] = "1"
+  elif jax.default_backend() != "gpu":
+    raise SystemExit(f"gpu_check.py needs a GPU backend; jax sees {jax.default_backend()!r}")
+  summary = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  for name in args.sections.split(","):
+    t0 = time.time()
+    try:
+      if name == "lm":
+        summary[name] = lm_section()
+      elif name == "decode":
+        summary[name] = decode_section()
+      elif name == "sweep":
+        summary[name] = sweep_section(args.sweep_seconds)
+    except Exception as e:  # Report and go on: one failing section must not hide the others.
+      import traceback
+      traceback.print_exc()
+      summary[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    summary[f"{name}_seconds"] = round(time.time() - t0, 1)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  main()

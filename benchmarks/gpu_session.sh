@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The device checks of the attention kernels, prepared to run as-is when a GPU is lent.
+#
+#   bash benchmarks/gpu_session.sh correctness   # compiled-kernel tests + the LM on Pallas
+#   bash benchmarks/gpu_session.sh timing        # decode kernel, attention.py, BlockSizes sweep
+#   bash benchmarks/gpu_session.sh all           # both (default)
+#
+# Durations on an H200 (2026-11-29, first run): the LM check 53 s, the decode section 53 s,
+# `attention.py --skip-cpu` about 4 min (24 rows; `--quick` 60 s), the sweep 96 s. The compiled tests
+# took over 4 min before their references were put under `jax.jit` (op-by-op dispatch compiled every
+# op on the GPU); rerun them to learn the new figure. With a 15-minute lease, run the two phases as
+# two calls back to back (the machine stays warm for 30 s between calls).
+# Logs go to $OUT (or ./gpu_session_out): one file per step, JSON lines in each.
+set -u
+cd "$(dirname "$0")/.."
+PHASE="${1:-all}"
+OUT="${OUT:-$PWD/gpu_session_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TF_CPP_MIN_LOG_LEVEL=2
+export JAX_PLATFORMS=cuda,cpu
+PY="${PYTHON:-python3}"
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$PY" -c 'import jax, jaxlib, flax, optax; print("jax", jax.__version__, "jaxlib", jaxlib.__version__, "flax", flax.__version__, "optax", optax.__version__); print(jax.devices())'
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [[ "$PHASE" == correctness || "$PHASE" == all ]]; then
+  # Correctness only, so the two processes may share the card (no preallocation).
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
+    timeout 420 "$PY" -m pytest -v -p no:cacheprovider -m gpu_only tests/test_flash_attention.py \
+    >"$OUT/tests.log" 2>&1 &
+  tests_pid=$!
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 "$PY" benchmarks/gpu_check.py --sections lm \
+    >"$OUT/lm.log" 2>&1
+  wait "$tests_pid"
+  echo "pytest exit $?"
+  grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -n 15
+  tail -n 1 "$OUT/lm.log"
+fi
+
+if [[ "$PHASE" == timing || "$PHASE" == all ]]; then
+  # Timing: one process at a time.
+  timeout 90 "$PY" benchmarks/gpu_check.py --sections decode >"$OUT/decode.log" 2>&1
+  tail -n 1 "$OUT/decode.log"
+  timeout 300 "$PY" benchmarks/attention.py --skip-cpu >"$OUT/attention.log" 2>&1
+  echo "attention exit $?, rows: $(grep -c seq_len "$OUT/attention.log")"
+  tail -c 800 "$OUT/attention.log"
+  timeout 130 "$PY" benchmarks/gpu_check.py --sections sweep --sweep_seconds 110 \
+    >"$OUT/sweep.log" 2>&1
+  tail -n 1 "$OUT/sweep.log"
+fi
+date -u
