@@ -6,7 +6,8 @@ Sections, each printing JSON lines (stderr) and a summary (stdout's last line):
              matmul precision "highest"): the CPU test `test_lm_trains_and_decodes_identically_on_pallas`
              without interpret mode.
   decode   - the split-K decode kernel compiled, against the `jnp` reference (float32 and bfloat16),
-             then timed against XLA attention over the same cache (bf16, T=1 and T=9 new tokens).
+             then timed against XLA attention over the same cache (bf16, T=1 and T=9 new tokens),
+             and on the LM's heads-major [B*K, S, H] cache read in place vs transposed first.
   sweep    - forward and forward+backward time of `flash_attention_gpu` over a grid of `BlockSizes`
              (bf16, causal, GQA 8:1, S=4096), to check the default table.
 
@@ -129,11 +130,20 @@ def decode_section() -> dict:
     lengths = jnp.full((b,), s, jnp.int32)
     pos = lengths[:, None] - t + jnp.arange(t)[None, :]
     spec = MaskSpec(causal=True, q_positions=pos, kv_lengths=lengths)
+    decode = lambda q, k, v, layout="bskh": decode_lib.decode_attention(
+        q, k, v, kv_lengths=lengths, q_positions=pos, causal=True, interpret=DRY_RUN,
+        kv_layout=layout)[0]
+    flat = lambda x: x.transpose(0, 2, 1, 3).reshape(b * kh, s, h)
+    kf, vf = flat(k), flat(v)
     fns = {
-        "pallas_decode": jax.jit(lambda q, k, v: decode_lib.decode_attention(
-            q, k, v, kv_lengths=lengths, q_positions=pos, causal=True, interpret=DRY_RUN)[0]),
+        "pallas_decode": jax.jit(decode),
         "xla": jax.jit(lambda q, k, v: xla_impl.xla_attention(q, k, v, spec,
                                                               scale=h ** -0.5)[0]),
+        # The LM's [B*K, S, H] cache: read in place, or transposed first (the path before
+        # kv_layout="flat" reached the kernel).
+        "pallas_flat": jax.jit(lambda q, k, v: decode(q, kf, vf, "flat")),
+        "pallas_flat_transposed": jax.jit(lambda q, k, v: decode(
+            q, decode_lib.unflatten_kv(kf, b), decode_lib.unflatten_kv(vf, b))),
     }
     med = per_call_seconds(fns, (q, k, v), calls=50)
     cache_bytes = 2 * b * s * kh * h * 2
@@ -141,7 +151,8 @@ def decode_section() -> dict:
         "section": "decode_time", "batch": b, "tokens": t, "cache_len": s,
         **{f"{name}_us": round(sec * 1e6, 1) for name, sec in med.items()},
         "pallas_cache_gbps": round(cache_bytes / med["pallas_decode"] / 1e9, 1),
-        "xla_over_pallas": round(med["xla"] / med["pallas_decode"], 2)}))
+        "xla_over_pallas": round(med["xla"] / med["pallas_decode"], 2),
+        "transposed_over_flat": round(med["pallas_flat_transposed"] / med["pallas_flat"], 2)}))
   return _emit({"section": "decode", "parity": rows, "ok": all(r["ok"] for r in rows),
                 "timings": timings})
 

@@ -75,17 +75,28 @@ def _num_splits(sizes: DecodeBlockSizes, batch: int, kv_heads: int, num_blocks: 
   return max(d for d in range(1, want + 1) if num_blocks % d == 0)
 
 
+def _kv_heads(k, batch: int, flat: bool) -> int:
+  return k.shape[0] // batch if flat else k.shape[2]
+
+
+def unflatten_kv(x, batch: int):
+  """[B*K, S, H] heads-major cache -> [B, S, K, H]."""
+  bk, s, h = x.shape
+  return x.reshape(batch, bk // batch, s, h).transpose(0, 2, 1, 3)
+
+
 def _forward(q, k, v, kv_lengths, q_positions, cfg: MaskConfig, sizes: DecodeBlockSizes,
-             interpret):
+             interpret, flat: bool):
   b, t, n, h = q.shape
-  s, kh = k.shape[1], k.shape[2]
+  s, kh = k.shape[1], _kv_heads(k, b, flat)
   g = n // kh
   bk = min(sizes.block_k, max(16, common.next_pow2(s)))
   sp = common.round_up(s, bk)
   hp = common.next_pow2(h)
   if sp != s or hp != h:  # Only for caches that are not a block multiple: costs one copy.
-    pad = lambda x: jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, hp - h)))
-    k, v = pad(k), pad(v)
+    widths = ((0, 0), (0, sp - s), (0, hp - h)) if flat else ((0, 0), (0, sp - s), (0, 0),
+                                                                (0, hp - h))
+    k, v = jnp.pad(k, widths), jnp.pad(v, widths)
   nb = sp // bk
   ns = _num_splits(dataclasses.replace(sizes, block_k=bk), b, kh, nb)
   split_len = sp // ns
@@ -110,13 +121,16 @@ def _forward(q, k, v, kv_lengths, q_positions, cfg: MaskConfig, sizes: DecodeBlo
   lengths = jnp.broadcast_to(kv_lengths[:, None], (b, ns)).astype(jnp.int32)
 
   split_spec = pl.BlockSpec((None, ns), lambda bi, ki, si: (bi, 0))
+  if flat:  # Row bi * K + ki of the [B*K, S, H] cache: read in place, no transpose.
+    kv_spec = pl.BlockSpec((None, split_len, hp), lambda bi, ki, si: (bi * kh + ki, si, 0))
+  else:
+    kv_spec = pl.BlockSpec((None, split_len, None, hp), lambda bi, ki, si: (bi, si, ki, 0))
   acc, m, l = pl.pallas_call(
       functools.partial(_kernel, cfg=cfg, block_k=bk, split_len=split_len),
       grid=(b, kh, ns),
       in_specs=[split_spec, split_spec, split_spec,
                 pl.BlockSpec((None, None, mp, hp), lambda bi, ki, si: (bi, ki, 0, 0)),
-                pl.BlockSpec((None, split_len, None, hp), lambda bi, ki, si: (bi, si, ki, 0)),
-                pl.BlockSpec((None, split_len, None, hp), lambda bi, ki, si: (bi, si, ki, 0)),
+                kv_spec, kv_spec,
                 pl.BlockSpec((None, mp), lambda bi, ki, si: (bi, 0)) if cfg.use_positions
                 else None],
       out_specs=[pl.BlockSpec((None, None, None, mp, hp), lambda bi, ki, si: (bi, ki, si, 0, 0)),
@@ -140,21 +154,22 @@ def _forward(q, k, v, kv_lengths, q_positions, cfg: MaskConfig, sizes: DecodeBlo
   return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _decode(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret):
-  return _forward(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _decode(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret, flat):
+  return _forward(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret, flat)
 
 
-def _decode_fwd(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret):
-  return (_forward(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret),
+def _decode_fwd(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret, flat):
+  return (_forward(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret, flat),
           (q, k, v, kv_lengths, q_positions))
 
 
-def _decode_bwd(cfg, sizes, interpret, residuals, cotangents):
+def _decode_bwd(cfg, sizes, interpret, flat, residuals, cotangents):
   q, k, v, kv_lengths, q_positions = residuals
+  as_bskh = (lambda x: unflatten_kv(x, q.shape[0])) if flat else (lambda x: x)
   ref = lambda q_, k_, v_: attention_reference(
-      q_, k_, v_, q_positions=q_positions, kv_lengths=kv_lengths, causal=cfg.causal,
-      local_window=cfg.local_window, softcap=cfg.softcap, scale=cfg.scale)
+      q_, as_bskh(k_), as_bskh(v_), q_positions=q_positions, kv_lengths=kv_lengths,
+      causal=cfg.causal, local_window=cfg.local_window, softcap=cfg.softcap, scale=cfg.scale)
   _, vjp = jax.vjp(ref, q, k, v)
   return (*vjp(cotangents), None, None)
 
@@ -163,30 +178,46 @@ _decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "local_window", "softcap", "scale",
-                                             "block_sizes", "interpret"))
+                                             "block_sizes", "interpret", "kv_layout"))
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      kv_lengths: Optional[jax.Array] = None,
                      q_positions: Optional[jax.Array] = None, causal: bool = False,
                      local_window: Optional[int] = None, softcap: Optional[float] = None,
                      scale: Optional[float] = None,
-                     block_sizes: Optional[DecodeBlockSizes] = None, interpret=False):
+                     block_sizes: Optional[DecodeBlockSizes] = None, interpret=False,
+                     kv_layout: str = "bskh"):
   """Attention of T <= 16 new queries per row over a KV cache.
 
   Args:
     q: [B, T, N, H] queries.
-    k: [B, S, K, H] cache keys (slot index == position).
-    v: [B, S, K, H] cache values.
+    k: [B, S, K, H] cache keys (slot index == position); [B*K, S, H] with kv_layout="flat".
+    v: values, laid out as k.
     kv_lengths: [B] valid slots per row (None: all S).
     q_positions: [B, T] positions of the queries (None: 0..T-1, the `MaskSpec` default).
     causal, local_window, softcap, scale: as in `flash_attention_gpu.flash_attention`.
     block_sizes: `DecodeBlockSizes` (default: 128-key blocks, splits to fill the GPU).
     interpret: run in the Pallas interpreter (CPU).
+    kv_layout: "bskh", or "flat" for `effjax.models.lm.KVCache`'s heads-major [B*K, S, H]
+      buffers, which the kernel then reads in place (transposing them to [B, S, K, H] first would
+      copy the whole cache every step, more memory traffic than the attention itself).
 
   Returns:
     out [B, T, N, H] and lse [B, N, T] float32, as the prefill kernels.
   """
-  common.validate_inputs(q, k, v, q_positions, None, kv_lengths, None, None, local_window,
-                         softcap)
+  if kv_layout not in ("bskh", "flat"):
+    raise ValueError(f"unknown kv_layout {kv_layout!r}; use 'bskh' or 'flat'")
+  flat = kv_layout == "flat"
+  if flat:
+    if k.ndim != 3 or k.shape != v.shape or k.shape[0] % q.shape[0]:
+      raise ValueError(f"kv_layout='flat' expects [batch * kv_heads, S, head_dim] keys and values; "
+                       f"got k{k.shape}, v{v.shape} for q{q.shape}")
+    as_bskh = jax.ShapeDtypeStruct((q.shape[0], k.shape[1], k.shape[0] // q.shape[0], k.shape[2]),
+                                   k.dtype)
+    common.validate_inputs(q, as_bskh, as_bskh, q_positions, None, kv_lengths, None, None,
+                           local_window, softcap)
+  else:
+    common.validate_inputs(q, k, v, q_positions, None, kv_lengths, None, None, local_window,
+                           softcap)
   b, t, n, h = q.shape
   if t > MAX_DECODE_QUERIES:
     raise ValueError(f"decode_attention takes at most {MAX_DECODE_QUERIES} new tokens per row, got "
@@ -199,4 +230,4 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   cfg = MaskConfig(causal=causal, local_window=local_window, softcap=softcap,
                    scale=float(h ** -0.5 if scale is None else scale), use_segments=True)
   sizes = DecodeBlockSizes() if block_sizes is None else block_sizes
-  return _decode(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret)
+  return _decode(q, k, v, kv_lengths, q_positions, cfg, sizes, interpret, flat)

@@ -186,6 +186,29 @@ def test_flat_kv_layout_matches_bskh_for_every_impl(name):
       _close(g, w, 1e-5, relative=True)
 
 
+@pytest.mark.parametrize("t", [2, 20])
+def test_pallas_reads_the_flat_cache_in_place_for_decode(t, monkeypatch):
+  """Decode-sized calls hand the [B*K, S, H] cache to the split-K kernel untransposed; longer
+  (prefill) calls go to the flash kernel in [B, S, K, H]. Both match XLA."""
+  from kernels_pallas import decode_attention as decode_lib
+  seen = []
+  real = decode_lib.decode_attention
+  monkeypatch.setattr(decode_lib, "decode_attention",
+                      lambda q, k, v, **kw: seen.append(k.ndim) or real(q, k, v, **kw))
+  b, s, n, kh, h = 2, 40, 4, 2, 16
+  q, k, v = _qkv(11, b, t, s, n, kh, h)
+  lengths = jnp.asarray([t + 5, s])
+  spec = MaskSpec(causal=True, q_positions=lengths[:, None] - t + jnp.arange(t)[None, :],
+                  kv_lengths=lengths)
+  call = lambda impl: dot_product_attention(q, _flat(k), _flat(v), spec, impl=impl, strict=True,
+                                            interpret=True, precision="highest",
+                                            return_lse=True, kv_layout="flat")
+  got, want = call("pallas"), call("xla")
+  _close(got[0], want[0], 1e-5)
+  _close(got[1], want[1], 1e-5)
+  assert seen == ([3] if t <= 16 else [])
+
+
 def test_flat_kv_layout_bad_input_says_what_is_wrong():
   q, k, v = _qkv(8, 2, 3, 10, 4, 2, 16)
   with pytest.raises(ValueError, match="unknown kv_layout 'bksh'"):

@@ -235,6 +235,16 @@ class TestGpuKernelInterpret(_KernelTests):
     text = export.export(jax.jit(decode), platforms=["cuda"], disabled_checks=checks)(
         q, kv, kv, jax.ShapeDtypeStruct((1,), jnp.int32)).mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1
+    flat_kv = jax.ShapeDtypeStruct((2, 256, 128), jnp.bfloat16)  # The LM cache's [B*K, S, H].
+    flat_decode = lambda q, k, v, lengths: decode_lib.decode_attention(
+        q[:, :1], k, v, kv_lengths=lengths, q_positions=lengths[:, None] - 1, causal=True,
+        kv_layout="flat")
+    text = export.export(jax.jit(flat_decode), platforms=["cuda"], disabled_checks=checks)(
+        q, flat_kv, flat_kv, jax.ShapeDtypeStruct((1,), jnp.int32)).mlir_module()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    cache_transposes = [line for line in text.splitlines()
+                        if "stablehlo.transpose" in line and "256x" in line]
+    assert not cache_transposes, cache_transposes  # Only the few query rows are transposed.
 
 
 @pytest.mark.tpu_only
@@ -355,3 +365,28 @@ def test_bad_inputs_raise_clear_errors():
     gpu_lib.flash_attention(q[:, :, :3], k, v, interpret=True)
   with pytest.raises(ValueError, match="at most 16 new tokens"):
     decode_lib.decode_attention(jnp.concatenate([q, q], axis=1), k, v, interpret=True)
+
+
+def test_decode_kernel_reads_the_flat_cache_layout():
+  """kv_layout="flat" ([B*K, S, H], the LM's cache) gives what [B, S, K, H] gives, gradients too."""
+  batch, t, s, n, kh, h = 2, 3, 100, 8, 2, 64  # S off the block grid: the padding path.
+  q, k, v = _inputs(9, batch, t, s, n, kh, h, jnp.float32)
+  flat = lambda x: x.transpose(0, 2, 1, 3).reshape(batch * kh, s, h)
+  lengths = jnp.asarray([40, 100])
+  kw = dict(kv_lengths=lengths, q_positions=lengths[:, None] - t + jnp.arange(t)[None, :],
+            causal=True, softcap=30.0, interpret=True,
+            block_sizes=DecodeBlockSizes(block_k=32, num_splits=2))
+  want = decode_lib.decode_attention(q, k, v, **kw)
+  got = decode_lib.decode_attention(q, flat(k), flat(v), kv_layout="flat", **kw)
+  for name, g, w in zip(("out", "lse"), got, want):
+    _assert_close(name, g, w, 1e-6)
+  loss = lambda layout, prep: lambda q, k, v: jnp.sum(decode_lib.decode_attention(
+      q, prep(k), prep(v), kv_layout=layout, **kw)[0] ** 2)
+  grads = jax.grad(loss("flat", flat), argnums=(0, 1, 2))(q, k, v)
+  want_grads = jax.grad(loss("bskh", lambda x: x), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads):
+    _assert_close(name, g, w, 1e-5, relative=True)
+  with pytest.raises(ValueError, match=r"kv_layout='flat' expects \[batch \* kv_heads"):
+    decode_lib.decode_attention(q, k, v, kv_layout="flat", interpret=True)
+  with pytest.raises(ValueError, match="unknown kv_layout"):
+    decode_lib.decode_attention(q, k, v, kv_layout="bksh", interpret=True)

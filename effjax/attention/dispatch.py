@@ -12,8 +12,8 @@
               for short ones.
 
 Keys and values come as [B, S, K, H] (`kv_layout="bskh"`) or, for the LM's KV cache, heads-major and
-flattened as [B*K, S, H] (`kv_layout="flat"`): XLA reads that layout directly; the other
-implementations receive it transposed to [B, S, K, H].
+flattened as [B*K, S, H] (`kv_layout="flat"`): XLA and Pallas' split-K decode kernel read that
+layout in place; the other implementations receive it transposed to [B, S, K, H].
 
 When the chosen implementation cannot serve a call (say cuDNN with an extra mask), `strict=True` raises
 and `strict=False` falls back to XLA/chunked with a one-time warning that says why.
@@ -103,19 +103,23 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     raise ValueError(f"unknown kv_layout {kv_layout!r}; choose one of {KV_LAYOUTS}")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   chosen = resolve_impl(impl, k.shape[1])
-  if kv_layout == "flat":
+  flat = kv_layout == "flat"
+  if flat:
     if k.ndim != 3 or k.shape != v.shape or k.shape[0] % q.shape[0]:
       raise ValueError(f"kv_layout='flat' expects [batch * kv_heads, seq, head_dim] keys and "
                        f"values; got k{k.shape}, v{v.shape} for q{q.shape}")
+    bk, s, h = k.shape
+    as_bskh = jax.ShapeDtypeStruct((q.shape[0], s, bk // q.shape[0], h), k.dtype)
+    _validate(q, as_bskh, as_bskh, spec)
     if chosen == "xla":
-      bk, s, h = k.shape
-      as_bskh = jax.ShapeDtypeStruct((q.shape[0], s, bk // q.shape[0], h), k.dtype)
-      _validate(q, as_bskh, as_bskh, spec)
       out, lse = xla_impl.flat_kv_attention(q, k, v, spec, scale=scale, softcap=softcap,
                                             precision=precision)
       return (out, lse) if return_lse else out
-    k, v = xla_impl.unflatten_kv(k, q.shape[0]), xla_impl.unflatten_kv(v, q.shape[0])
-  _validate(q, k, v, spec)
+    if chosen != "pallas":  # Pallas' decode kernel reads the flat cache in place.
+      k, v = xla_impl.unflatten_kv(k, q.shape[0]), xla_impl.unflatten_kv(v, q.shape[0])
+      flat = False
+  else:
+    _validate(q, k, v, spec)
   if chosen == "cudnn":
     reason = None
     if jax.default_backend() != "gpu":
@@ -132,10 +136,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     use_interpret = interpret if interpret is not None else (
         interpret_forced() or jax.default_backend() == "cpu")
     out = pallas_bridge.pallas_attention(q, k, v, spec, scale=scale, softcap=softcap,
-                                         interpret=use_interpret, strict=strict)
+                                         interpret=use_interpret, strict=strict,
+                                         kv_layout="flat" if flat else "bskh")
     if out is not None:
       return out if return_lse else out[0]
     chosen = "chunked" if k.shape[1] >= AUTO_CHUNK_THRESHOLD else "xla"
+    if flat:
+      k, v = xla_impl.unflatten_kv(k, q.shape[0]), xla_impl.unflatten_kv(v, q.shape[0])
   if chosen == "cudnn":
     out = jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=spec.causal, implementation="cudnn",

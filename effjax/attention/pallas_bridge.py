@@ -5,7 +5,7 @@ Kernel style by backend: the Mosaic kernel (`flash_attention_tpu`) on TPU, the T
 asked for, by `EFFJAX_PALLAS_STYLE=tpu` or by passing a `pltpu.InterpretParams` as `interpret` (which
 also simulates TPU memory). On GPU and in GPU-style interpret mode, calls with at most 16 queries per
 row over a cache (`MaskSpec` with kv_lengths/q_positions, no segments, no explicit key positions) go
-to the split-K decode kernel.
+to the split-K decode kernel, which reads the KV cache's heads-major [B*K, S, H] buffers in place.
 
 What the kernels serve: causal masking by positions, `kv_lengths`, segment ids (packing/padding),
 a local window, logit soft-capping, grouped/multi-query attention, Sq != Sk, any sequence length,
@@ -71,18 +71,21 @@ def _is_decode(q, spec: MaskSpec) -> bool:
           and spec.kv_positions is None and spec.q_segment_ids is None)
 
 
-def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, strict):
+def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, strict,
+                     kv_layout: str = "bskh"):
   """Runs the Pallas flash-attention kernels, or returns None to make the dispatcher fall back.
 
   Args:
     q: [B, T, N, H] queries.
-    k: [B, S, K, H] keys.
-    v: [B, S, K, H] values.
+    k: [B, S, K, H] keys, or the KV cache's [B*K, S, H] with kv_layout="flat" (the decode kernel
+      reads that in place; the prefill kernels get it transposed).
+    v: values, laid out as k.
     spec: the mask (see module docstring for what is served).
     scale: logit scale (a Python number).
     softcap: soft-capping value or None.
     interpret: False to compile, True for the Pallas interpreter, or a `pltpu.InterpretParams`.
     strict: raise a ValueError instead of returning None.
+    kv_layout: "bskh" or "flat".
 
   Returns:
     (out [B, T, N, H], lse [B, N, T]) or None.
@@ -102,7 +105,10 @@ def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, stri
     from kernels_pallas.decode_attention import decode_attention
     return decode_attention(q, k, v, kv_lengths=spec.kv_lengths, q_positions=spec.q_positions,
                             causal=spec.causal, local_window=spec.local_window, softcap=softcap,
-                            scale=scale, interpret=interpret)
+                            scale=scale, interpret=interpret, kv_layout=kv_layout)
+  if kv_layout == "flat":
+    from kernels_pallas.decode_attention import unflatten_kv
+    k, v = unflatten_kv(k, q.shape[0]), unflatten_kv(v, q.shape[0])
   if style == "tpu":
     from kernels_pallas.flash_attention_tpu import flash_attention
   else:
