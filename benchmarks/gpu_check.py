@@ -1,17 +1,17 @@
 """Compiled-kernel checks and tile tuning for a lent GPU (the parts of #4 a CPU cannot do).
 
 Sections, each printing JSON lines (stderr) and a summary (stdout's last line):
-  lm       - the LM trained 3 steps and decoded (prefill, then a 2-token step after a rollback) with
-             attention_impl="pallas" compiled for the GPU, against attention_impl="xla" (float32,
-             matmul precision "highest"): the CPU test `test_lm_trains_and_decodes_identically_on_pallas`
-             without interpret mode.
   decode   - the split-K decode kernel compiled, against the `jnp` reference (float32 and bfloat16),
              then timed against XLA attention over the same cache (bf16, T=1 and T=9 new tokens),
              and on the LM's heads-major [B*K, S, H] cache read in place vs transposed first.
   sweep    - forward and forward+backward time of `flash_attention_gpu` over a grid of `BlockSizes`
              (bf16, causal, GQA 8:1, S=4096), to check the default table.
 
-Usage: python benchmarks/gpu_check.py [--sections lm,decode,sweep] [--sweep_seconds 120]
+The LM trained and decoded on compiled Pallas kernels is a test
+(`tests/test_attention_dispatch.py::test_lm_trains_and_decodes_identically_on_pallas`, compiled
+when the suite runs on a GPU), run by `benchmarks/gpu_session.sh`.
+
+Usage: python benchmarks/gpu_check.py [--sections decode,sweep] [--sweep_seconds 120]
 Needs a GPU backend; `benchmarks/gpu_session.sh` runs it with the rest of the device checks.
 """
 
@@ -46,54 +46,6 @@ def _max_err(got, want, relative=False):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   err = float(np.max(np.abs(got - want)))
   return err / max(float(np.max(np.abs(want))), 1e-6) if relative else err
-
-
-def lm_section() -> dict:
-  import optax
-  from effjax.models import lm, registry
-
-  base = registry.get("lm/tiny", matmul_precision="highest", num_layers=2)
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 41), 0, 256)
-
-  def train(cfg, steps=3):
-    model = lm.LM(cfg)
-    params = lm.init_params(cfg, jax.random.PRNGKey(0))
-    opt = optax.adam(1e-2)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state):
-      def loss_fn(p):
-        logits = model.apply(p, tokens[:, :-1]).logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for _ in range(steps):
-      params, state, loss = step(params, state)
-      losses.append(float(loss))
-    return losses, params
-
-  losses_xla, params = train(base.replace(attention_impl="xla"))
-  losses_pallas, _ = train(base.replace(attention_impl="pallas"))
-
-  def decode(impl):
-    cfg = base.replace(attention_impl=impl)
-    model = lm.LM(cfg)
-    cache = lm.init_cache(cfg, 2, 64).with_lengths(jnp.zeros((2,), jnp.int32))
-    prefill = model.apply(params, tokens[:, :20], cache=cache)
-    cache = prefill.cache.with_lengths(jnp.asarray([20, 15]))
-    step = model.apply(params, tokens[:, 20:22], cache=cache)
-    return prefill.logits, step.logits
-
-  errs = [_max_err(g, w) for g, w in zip(decode("pallas"), decode("xla"))]
-  loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses_pallas, losses_xla))
-  return _emit({"section": "lm", "losses_xla": losses_xla, "losses_pallas": losses_pallas,
-                "loss_max_rel_diff": loss_rel, "prefill_logits_max_err": errs[0],
-                "step_logits_max_err": errs[1],
-                "ok": loss_rel < 1e-5 and max(errs) < 1e-4})
 
 
 def decode_section() -> dict:
@@ -215,7 +167,7 @@ def sweep_section(budget_s: float) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sections", default="lm,decode,sweep")
+  parser.add_argument("--sections", default="decode,sweep")
   parser.add_argument("--sweep_seconds", type=float, default=120.0)
   parser.add_argument("--dry_run", action="store_true",
                       help="CPU, Pallas interpreter, tiny shapes: checks this script, not the GPU")
@@ -230,12 +182,12 @@ def main():
   for name in args.sections.split(","):
     t0 = time.time()
     try:
-      if name == "lm":
-        summary[name] = lm_section()
-      elif name == "decode":
+      if name == "decode":
         summary[name] = decode_section()
       elif name == "sweep":
         summary[name] = sweep_section(args.sweep_seconds)
+      else:
+        raise ValueError(f"unknown section {name!r}; choose from decode, sweep")
     except Exception as e:  # Report and go on: one failing section must not hide the others.
       import traceback
       traceback.print_exc()

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The device checks of the attention kernels, prepared to run as-is when a GPU is lent.
 #
-#   bash benchmarks/gpu_session.sh correctness   # compiled-kernel tests + the LM on Pallas
+#   bash benchmarks/gpu_session.sh correctness   # compiled-kernel tests + the LM-on-Pallas test
 #   bash benchmarks/gpu_session.sh timing        # decode kernel, attention.py, BlockSizes sweep
 #   bash benchmarks/gpu_session.sh all           # both (default)
 #
-# Durations on an H200 (2026-11-29, first run): the LM check 53 s, the decode section 53 s,
+# Durations on an H200 (2026-11-29, first run): the LM check 53 s (then a section of gpu_check.py,
+# now the test it duplicated), the decode section 53 s,
 # `attention.py --skip-cpu` about 4 min (24 rows; `--quick` 60 s), the sweep 96 s. The compiled tests
 # took over 4 min before their references were put under `jax.jit` (op-by-op dispatch compiled every
 # op on the GPU); rerun them to learn the new figure. With a 15-minute lease, run the two phases as
@@ -29,16 +30,18 @@ cat "$OUT/env.txt"
 
 if [[ "$PHASE" == correctness || "$PHASE" == all ]]; then
   # Correctness only, so the two processes may share the card (no preallocation).
-  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
-    timeout 420 "$PY" -m pytest -v -p no:cacheprovider -m gpu_only tests/test_flash_attention.py \
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest
+  timeout 420 "$PY" -m pytest -v -p no:cacheprovider -m gpu_only tests/test_flash_attention.py \
     >"$OUT/tests.log" 2>&1 &
   tests_pid=$!
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 "$PY" benchmarks/gpu_check.py --sections lm \
+  timeout 240 "$PY" -m pytest -v -p no:cacheprovider \
+    "tests/test_attention_dispatch.py::test_lm_trains_and_decodes_identically_on_pallas" \
     >"$OUT/lm.log" 2>&1
+  echo "LM-on-Pallas test exit $?"
   wait "$tests_pid"
-  echo "pytest exit $?"
-  grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -n 15
-  tail -n 1 "$OUT/lm.log"
+  echo "kernel tests exit $?"
+  grep -hE "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" "$OUT/lm.log" | tail -n 20
+  unset XLA_PYTHON_CLIENT_PREALLOCATE JAX_DEFAULT_MATMUL_PRECISION
 fi
 
 if [[ "$PHASE" == timing || "$PHASE" == all ]]; then
