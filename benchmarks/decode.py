@@ -6,7 +6,9 @@ same prompts (128 random bytes), greedy, 128 new tokens, no early stop, batch 1 
 several times the LLC). Reported: end-to-end tokens/s (prefill included, compilation and warm-up
 excluded), medians over repeats (effjax and transformers timed in alternation, so load drifting
 on a shared machine hits both alike), the effjax/transformers ratio, and effjax's fraction of
-this machine's roofline.
+this machine's roofline. Also timed in the same alternation: effjax with `attention_impl="xla"`
+(`kernel_speedup` = its time / the default's), the gain of the C++ decode-attention kernel
+(`effjax/attention/cpu_decode.py`) that `attention_impl="auto"` uses on CPU.
 
 Roofline: measured in the same run, at its start and its end, best figure kept (a ceiling; other jobs
 only slow a run). Memory bandwidth = bytes / time of a jitted `jnp.sum` over a 512 MB float32 array
@@ -148,6 +150,9 @@ def main():
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--no_bf16", action="store_true", help="skip the effjax bfloat16 variant")
+  ap.add_argument("--no_xla_attention", action="store_true",
+                  help="skip the baseline run of effjax with attention_impl='xla' (decode "
+                  "attention in XLA instead of the C++ kernel)")
   args = ap.parse_args()
   new = args.new_tokens or (32 if args.quick else 128)
   repeats = args.repeats or (1 if args.quick else 5)
@@ -167,6 +172,9 @@ def main():
           np.int32)
       runs = {}
       runs["effjax"], tok_eff, compile_s = effjax_runner(params, cfg, prompts, new)
+      if not args.no_xla_attention:  # Its own baseline: the same engine, attention in XLA.
+        runs["effjax_xla_attention"], tok_xla_attn, _ = effjax_runner(
+            params, cfg.replace(attention_impl="xla"), prompts, new)
       if hf_model is not None:
         runs["hf"], tok_hf = hf_runner(hf_model, prompts, new)
       medians = interleaved_medians(runs, repeats, warmup=False)  # runners come warmed up
@@ -175,6 +183,11 @@ def main():
              "weight_MB": cfg.num_params() * 4 / 1e6, "batch": batch,
              "effjax_tok_s": batch * new / t_eff, "effjax_s": t_eff,
              "effjax_compile_s": compile_s, "_cfg": cfg}
+      if "effjax_xla_attention" in medians:
+        row.update({"effjax_xla_attention_tok_s": batch * new / medians["effjax_xla_attention"],
+                    "kernel_speedup": medians["effjax_xla_attention"] / t_eff,
+                    "xla_attention_tokens_identical_fraction": float(
+                        (tok_eff == tok_xla_attn).mean())})
       if hf_model is not None:
         t_hf = medians["hf"]
         agree = (tok_eff == tok_hf)

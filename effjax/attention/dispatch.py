@@ -8,8 +8,10 @@
 * `"pallas"`  the flash-attention kernels in `kernels_pallas/` (GPU Triton style or TPU Mosaic style
               by backend; interpret mode on CPU, forced by `interpret=True` or `EFFJAX_PALLAS_INTERPRET=1`).
 * `"cudnn"`   `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs.
-* `"auto"`    Pallas on TPU/GPU, otherwise chunked for long keys (>= `AUTO_CHUNK_THRESHOLD`) and XLA
-              for short ones.
+* `"cpu_decode"` a C++ kernel (XLA FFI, `cpu_decode.py`) for up to 16 new tokens per row over the
+              LM's flat float32 KV cache on CPU: decoding and speculative verification.
+* `"auto"`    Pallas on TPU/GPU; on CPU `cpu_decode` where it serves the call, otherwise chunked for
+              long keys (>= `AUTO_CHUNK_THRESHOLD`) and XLA for short ones.
 
 Keys and values come as [B, S, K, H] (`kv_layout="bskh"`) or, for the LM's KV cache, heads-major and
 flattened as [B*K, S, H] (`kv_layout="flat"`): XLA and Pallas' split-K decode kernel read that
@@ -30,7 +32,7 @@ import jax
 from effjax.attention.mask import MaskSpec
 from effjax.attention import xla as xla_impl
 
-IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn")
+IMPLS = ("auto", "xla", "chunked", "pallas", "cudnn", "cpu_decode")
 KV_LAYOUTS = ("bskh", "flat")
 AUTO_CHUNK_THRESHOLD = 4096
 _warned: set[str] = set()
@@ -60,6 +62,15 @@ def _validate(q, k, v, spec: MaskSpec) -> None:
                      "grouped-query attention needs num_heads % num_kv_heads == 0")
   if (spec.q_segment_ids is None) != (spec.kv_segment_ids is None):
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+
+
+def _validate_flat(q, k, v, spec: MaskSpec) -> None:
+  if k.ndim != 3 or k.shape != v.shape or k.shape[0] % q.shape[0]:
+    raise ValueError(f"kv_layout='flat' expects [batch * kv_heads, seq, head_dim] keys and "
+                     f"values; got k{k.shape}, v{v.shape} for q{q.shape}")
+  bk, s, h = k.shape
+  as_bskh = jax.ShapeDtypeStruct((q.shape[0], s, bk // q.shape[0], h), k.dtype)
+  _validate(q, as_bskh, as_bskh, spec)
 
 
 def resolve_impl(impl: str, kv_len: int) -> str:
@@ -105,12 +116,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
   chosen = resolve_impl(impl, k.shape[1])
   flat = kv_layout == "flat"
   if flat:
-    if k.ndim != 3 or k.shape != v.shape or k.shape[0] % q.shape[0]:
-      raise ValueError(f"kv_layout='flat' expects [batch * kv_heads, seq, head_dim] keys and "
-                       f"values; got k{k.shape}, v{v.shape} for q{q.shape}")
-    bk, s, h = k.shape
-    as_bskh = jax.ShapeDtypeStruct((q.shape[0], s, bk // q.shape[0], h), k.dtype)
-    _validate(q, as_bskh, as_bskh, spec)
+    _validate_flat(q, k, v, spec)
+  else:
+    _validate(q, k, v, spec)
+  if chosen == "cpu_decode" or (chosen in ("xla", "chunked") and impl == "auto" and flat):
+    from effjax.attention import cpu_decode  # Imported lazily: its first use builds the kernel.
+    reason = cpu_decode.unsupported_reason(q, k, spec, kv_layout)
+    if reason is None:
+      reason = cpu_decode.unavailable_reason()
+      if reason is not None:
+        _warn_once(f"attention: {reason}; XLA serves decoding instead")
+    if reason is None:
+      out, lse = cpu_decode.flat_decode_attention(q, k, v, spec, scale=scale, softcap=softcap)
+      return (out, lse) if return_lse else out
+    if chosen == "cpu_decode":
+      if strict:
+        raise ValueError(f"impl='cpu_decode' cannot serve this call: {reason}; use impl='auto'")
+      _warn_once(f"attention: falling back from cpu_decode: {reason}")
+      chosen = resolve_impl("auto", k.shape[1])
+  if flat:
     if chosen == "xla":
       out, lse = xla_impl.flat_kv_attention(q, k, v, spec, scale=scale, softcap=softcap,
                                             precision=precision)
@@ -118,8 +142,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     if chosen != "pallas":  # Pallas' decode kernel reads the flat cache in place.
       k, v = xla_impl.unflatten_kv(k, q.shape[0]), xla_impl.unflatten_kv(v, q.shape[0])
       flat = False
-  else:
-    _validate(q, k, v, spec)
   if chosen == "cudnn":
     reason = None
     if jax.default_backend() != "gpu":

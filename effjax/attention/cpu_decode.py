@@ -1,0 +1,183 @@
+"""Decode attention on CPU through a small C++ kernel (XLA FFI custom call), built on first use.
+
+Serves the LM's cached calls on CPU: at most `MAX_QUERIES` new tokens per row (decoding, speculative
+verification) over the heads-major [B*K, S, H] float32 cache, with the masks a cache needs
+(per-row lengths, causal by position, a local window) and soft-capping. The kernel
+(`cpu_kernels/decode_attention.cc`) reads each (row, kv head)'s keys and values once for all its
+G*T query rows, only over the slots some row can see, and splits the blocks over XLA's intra-op
+threads - where XLA:CPU runs the same attention as one small Eigen matmul per (row, kv head) over
+every slot of the allocated cache (RESULTS.md, "What still limits batch 8").
+
+Build: `g++` (or `$CXX`) compiles the source once per source/jaxlib/CPU combination into
+`$EFFJAX_KERNEL_CACHE` (default `~/.cache/effjax/kernels`), in a few seconds. Without a compiler,
+or with `EFFJAX_CPU_DECODE_KERNEL=0`, `available()` is False and the dispatch uses XLA, with a
+one-time warning saying why. Gradients (never needed when decoding, but allowed) are XLA's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.attention import xla as xla_impl
+from effjax.attention.mask import MASK_VALUE, MaskSpec
+
+MAX_QUERIES = 16
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
+                       "decode_attention.cc")
+_TARGET = "effjax_cpu_decode_attention"
+_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
+          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
+
+
+def _cpu_signature() -> str:
+  """The CPU's feature flags: a library built with -march=native runs only where they match."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line for line in f if line.startswith("flags")), "")
+  except OSError:
+    flags = ""
+  return platform.machine() + flags
+
+
+def _library_path() -> str:
+  import jaxlib
+  with open(_SOURCE, "rb") as f:
+    key = hashlib.sha1(f.read() + jaxlib.__version__.encode() + " ".join(_FLAGS).encode()
+                       + _cpu_signature().encode()).hexdigest()[:16]
+  cache = os.environ.get("EFFJAX_KERNEL_CACHE",
+                         os.path.join(os.path.expanduser("~"), ".cache", "effjax", "kernels"))
+  return os.path.join(cache, f"effjax_cpu_decode_{key}.so")
+
+
+def _build(path: str) -> None:
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+  os.close(fd)
+  cmd = [compiler, *_FLAGS, "-w", f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  os.replace(tmp, path)  # Atomic: concurrent builders (pytest-xdist workers) never see half a file.
+
+
+@functools.cache
+def _load() -> Optional[str]:
+  """Builds (once) and registers the kernel; returns why it is unavailable, or None."""
+  if os.environ.get("EFFJAX_CPU_DECODE_KERNEL", "1").lower() in ("0", "false", "no"):
+    return "disabled by EFFJAX_CPU_DECODE_KERNEL=0"
+  try:
+    path = _library_path()
+    if not os.path.exists(path):
+      logging.info("building the CPU decode-attention kernel into %s", path)
+      _build(path)
+    library = ctypes.cdll.LoadLibrary(path)
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.EffjaxCpuDecodeAttention),
+                                platform="cpu")
+  except (OSError, RuntimeError, AttributeError) as e:
+    return f"the CPU decode-attention kernel could not be built or loaded: {e}"
+  return None
+
+
+def unavailable_reason() -> Optional[str]:
+  """None when the kernel is ready (building it on first call), else why not."""
+  return _load()
+
+
+def unsupported_reason(q, k, spec: MaskSpec, kv_layout: str) -> Optional[str]:
+  """Why the kernel cannot serve this call (shapes, dtypes, mask, backend), or None when it can.
+
+  Whether the kernel could be built is `unavailable_reason`'s answer.
+  """
+  if kv_layout != "flat":
+    return "it reads the LM cache's flat [B*K, S, H] layout only (kv_layout='flat')"
+  if jax.default_backend() != "cpu":
+    return "not a CPU backend"
+  if q.shape[1] > MAX_QUERIES:
+    return f"{q.shape[1]} queries per row (the kernel serves at most {MAX_QUERIES})"
+  if q.dtype != jnp.float32 or k.dtype != jnp.float32:
+    return f"dtypes q={q.dtype}, k={k.dtype} (the kernel is float32 only)"
+  if (spec.extra_mask is not None or spec.q_segment_ids is not None
+      or spec.kv_positions is not None):
+    return "extra masks, segment ids and explicit key positions are XLA's"
+  return None
+
+
+def _row_ranges(spec: MaskSpec, b: int, t: int, s: int):
+  """[B, T] half-open ranges [lo, hi) of key slots each query sees (slot index == position)."""
+  pos = (spec.q_positions.astype(jnp.int32) if spec.q_positions is not None
+         else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+  hi = jnp.full((b, t), s, jnp.int32)
+  if spec.kv_lengths is not None:
+    hi = jnp.minimum(hi, spec.kv_lengths.astype(jnp.int32)[:, None])
+  if spec.causal:
+    hi = jnp.minimum(hi, pos + 1)
+  lo = jnp.zeros((b, t), jnp.int32)
+  if spec.local_window is not None:
+    lo = jnp.maximum(lo, pos - spec.local_window + 1)
+  return lo, hi
+
+
+def _call_kernel(q, k, v, spec: MaskSpec, scale: float, softcap: Optional[float]):
+  b, t, n, h = q.shape
+  bk, s = k.shape[0], k.shape[1]
+  kh = bk // b
+  g = n // kh
+  m = g * t
+  q_rows = xla_impl._grouped(q, kh).transpose(0, 2, 3, 1, 4).reshape(bk, m, h)  # [B*K, G*T, H]
+  lo, hi = _row_ranges(spec, b, t, s)  # [B, T]
+  per_row = lambda x: jnp.broadcast_to(x[:, None, None, :], (b, kh, g, t)).reshape(bk, m)
+  out, lse = jax.ffi.ffi_call(
+      _TARGET, (jax.ShapeDtypeStruct((bk, m, h), jnp.float32),
+                jax.ShapeDtypeStruct((bk, m), jnp.float32)),
+  )(q_rows, k, v, per_row(lo), per_row(hi), scale=np.float32(scale),
+    softcap=np.float32(softcap or 0.0), mask_value=np.float32(MASK_VALUE))
+  out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return out, lse.reshape(b, n, t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, spec, scale, softcap):
+  return _call_kernel(q, k, v, spec, scale, softcap)
+
+
+def _attention_fwd(q, k, v, spec, scale, softcap):
+  return _call_kernel(q, k, v, spec, scale, softcap), (q, k, v, spec)
+
+
+def _attention_bwd(scale, softcap, residuals, cotangents):
+  q, k, v, spec = residuals
+  _, pullback = jax.vjp(lambda q_, k_, v_: xla_impl.flat_kv_attention(
+      q_, k_, v_, spec, scale=scale, softcap=softcap), q, k, v)
+  # The mask's leaves here are integer positions and lengths: their cotangent type is float0.
+  no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), spec)
+  return (*pullback(cotangents), no_grad)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def flat_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSpec, *,
+                          scale: float, softcap: Optional[float] = None):
+  """Attention of q [B, T, N, H] over the flat cache k, v [B*K, S, H]: (out [B,T,N,H], lse [B,N,T]).
+
+  Same semantics as `xla.flat_kv_attention` (zeros and MASK_VALUE for rows that see no key). Call
+  only when `unsupported_reason` and `unavailable_reason` are None.
+  """
+  return _attention(q, k, v, spec, float(scale), None if softcap is None else float(softcap))

@@ -1,0 +1,153 @@
+"""The C++ decode-attention kernel on CPU (effjax/attention/cpu_decode.py) against XLA.
+
+Each case compares `impl="cpu_decode"` with `impl="xla"` (precision highest) on the LM cache's flat
+[B*K, S, H] layout: outputs, log-sum-exp, rows that see no key, gradients (XLA's, by construction),
+the dispatch's routing under `impl="auto"`, and the fallback when the kernel cannot be built.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.attention import MASK_VALUE, MaskSpec, dot_product_attention
+from effjax.attention import cpu_decode
+from effjax.models import lm, registry
+
+pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None,
+                                reason=f"{cpu_decode.unavailable_reason()}")
+
+
+def _inputs(seed, b, t, n, kh, h, s):
+  rng = np.random.default_rng(seed)
+  make = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return make(b, t, n, h), make(b * kh, s, h), make(b * kh, s, h)
+
+
+def _attend(impl, q, k, v, spec, softcap=None):
+  return dot_product_attention(q, k, v, spec, impl=impl, strict=True, softcap=softcap,
+                               precision="highest", return_lse=True, kv_layout="flat")
+
+
+# (queries per row, query heads, kv heads, head_dim, cache slots, window, softcap)
+CASES = {
+    "decode-gqa": (1, 8, 2, 64, 70, None, None),
+    "verify-9-gqa-window": (9, 8, 4, 32, 53, 12, None),
+    "16-mha-softcap": (16, 4, 4, 64, 40, None, 5.0),
+    "3-mqa-odd-head-dim": (3, 6, 1, 24, 37, 7, 30.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_xla_including_empty_rows(name):
+  t, n, kh, h, s, window, softcap = CASES[name]
+  b = 3
+  q, k, v = _inputs(0, b, t, n, kh, h, s)
+  lengths = jnp.asarray([0, s // 2, s])  # Row 0 sees no key at all.
+  pos = jnp.maximum(lengths[:, None] - t, 0) + jnp.arange(t)[None, :]
+  spec = MaskSpec(causal=True, q_positions=pos, kv_lengths=lengths, local_window=window)
+  out, lse = _attend("cpu_decode", q, k, v, spec, softcap)
+  want_out, want_lse = _attend("xla", q, k, v, spec, softcap)
+  np.testing.assert_allclose(out, want_out, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(lse, want_lse, atol=2e-6, rtol=1e-6)
+  np.testing.assert_array_equal(out[0], 0.0)
+  np.testing.assert_array_equal(lse[0], np.float32(MASK_VALUE))
+
+
+def test_non_causal_with_lengths_and_default_positions():
+  q, k, v = _inputs(1, 2, 4, 4, 2, 32, 50)
+  spec = MaskSpec(kv_lengths=jnp.asarray([7, 50]))
+  for got, want in zip(_attend("cpu_decode", q, k, v, spec), _attend("xla", q, k, v, spec)):
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+
+
+def test_rows_are_computed_independently_of_each_other():
+  """A row's result does not depend on which other rows share the call (bitwise): speculative
+  verification of gamma + 1 tokens reproduces one-token decoding exactly."""
+  q, k, v = _inputs(2, 2, 9, 8, 2, 64, 80)
+  lengths = jnp.asarray([60, 80])
+  pos = lengths[:, None] - 9 + jnp.arange(9)[None, :]
+  spec = lambda p: MaskSpec(causal=True, q_positions=p, kv_lengths=lengths)
+  together, _ = _attend("cpu_decode", q, k, v, spec(pos))
+  alone, _ = _attend("cpu_decode", q[:, 4:5], k, v, spec(pos[:, 4:5]))
+  np.testing.assert_array_equal(together[:, 4:5], alone)
+
+
+def test_gradients_are_xlas():
+  q, k, v = _inputs(3, 2, 2, 4, 2, 32, 30)
+  spec = MaskSpec(causal=True, q_positions=jnp.asarray([[20, 21], [8, 9]]),
+                  kv_lengths=jnp.asarray([22, 10]))
+  loss = lambda impl: lambda q, k, v: jnp.sum(_attend(impl, q, k, v, spec)[0] ** 2)
+  got = jax.jit(jax.grad(loss("cpu_decode"), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+def _uses_kernel(q, k, v, spec, **kw):
+  text = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, spec, **kw)).lower(
+      q, k, v).as_text()
+  return "effjax_cpu_decode_attention" in text
+
+
+def test_auto_routes_cache_calls_to_the_kernel_and_the_rest_to_xla():
+  q, k, v = _inputs(4, 2, 3, 4, 2, 32, 40)
+  spec = MaskSpec(causal=True, q_positions=jnp.asarray([[5, 6, 7], [1, 2, 3]]),
+                  kv_lengths=jnp.asarray([8, 4]))
+  assert _uses_kernel(q, k, v, spec, kv_layout="flat")
+  assert not _uses_kernel(q, k, v, spec, kv_layout="flat", impl="xla")  # xla means XLA
+  long_q = jnp.concatenate([q] * 6, axis=1)  # 18 queries per row: prefill, XLA's
+  long_spec = MaskSpec(causal=True, q_positions=jnp.broadcast_to(jnp.arange(18), (2, 18)),
+                       kv_lengths=jnp.asarray([18, 18]))
+  assert not _uses_kernel(long_q, k, v, long_spec, kv_layout="flat")
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  assert not _uses_kernel(*bf16, spec, kv_layout="flat")
+  tree = MaskSpec(causal=True, q_positions=spec.q_positions, kv_lengths=spec.kv_lengths,
+                  extra_mask=jnp.ones((2, 3, 40), bool))
+  assert not _uses_kernel(q, k, v, tree, kv_layout="flat")  # Medusa's tree mask: XLA's
+
+
+def test_explicit_impl_explains_what_it_cannot_serve():
+  q, k, v = _inputs(5, 2, 3, 4, 2, 32, 40)
+  bskh = lambda x: x.reshape(2, 2, 40, 32).transpose(0, 2, 1, 3)
+  with pytest.raises(ValueError, match=r"impl='cpu_decode' cannot serve this call: .*flat"):
+    dot_product_attention(q, bskh(k), bskh(v), impl="cpu_decode", strict=True)
+  with pytest.raises(ValueError, match="at most 16"):
+    dot_product_attention(jnp.concatenate([q] * 6, 1), k, v, impl="cpu_decode", strict=True,
+                          kv_layout="flat")
+  # Not strict: falls back to XLA with the same result.
+  got = dot_product_attention(q, bskh(k), bskh(v), impl="cpu_decode")
+  np.testing.assert_allclose(got, dot_product_attention(q, bskh(k), bskh(v), impl="xla"),
+                             atol=1e-6)
+
+
+def test_falls_back_to_xla_when_the_kernel_is_disabled(monkeypatch):
+  q, k, v = _inputs(6, 2, 1, 4, 2, 32, 40)
+  spec = MaskSpec(causal=True, q_positions=jnp.asarray([[9], [3]]), kv_lengths=jnp.asarray([10, 4]))
+  monkeypatch.setenv("EFFJAX_CPU_DECODE_KERNEL", "0")
+  cpu_decode._load.cache_clear()
+  try:
+    assert "disabled" in cpu_decode.unavailable_reason()
+    assert not _uses_kernel(q, k, v, spec, kv_layout="flat")
+  finally:
+    monkeypatch.delenv("EFFJAX_CPU_DECODE_KERNEL")
+    cpu_decode._load.cache_clear()
+  assert cpu_decode.unavailable_reason() is None
+
+
+def test_lm_cached_decoding_matches_xla():
+  """The LM's cached prefill + decode steps through the kernel equal attention_impl="xla"."""
+  base = registry.get("lm/tiny", matmul_precision="highest")
+  params = lm.init_params(base, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
+
+  def decode(impl):
+    cfg = base.replace(attention_impl=impl)
+    model = lm.LM(cfg)
+    cache = lm.init_cache(cfg, 2, 48).with_lengths(jnp.zeros((2,), jnp.int32))
+    prefill = model.apply(params, tokens[:, :20], cache=cache)
+    cache = prefill.cache.with_lengths(jnp.asarray([20, 15]))  # Row 1 rolls back 5 tokens.
+    step = model.apply(params, tokens[:, 20:24], cache=cache)
+    return step.logits
+
+  np.testing.assert_allclose(decode("auto"), decode("xla"), atol=2e-5, rtol=0)
