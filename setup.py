@@ -44,6 +44,7 @@ setup(
     description=__doc__,
     packages=find_packages(include=["effjax", "effjax.*", "kernels_pallas", "kernels_pallas.*",
                                     "configs", "configs.*", "experiments", "experiments.*"]),
+    package_data={"effjax.attention": ["cpu_kernels/*.cc"]},  # Built on first use (cpu_decode.py).
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
