@@ -151,3 +151,13 @@ def test_lm_cached_decoding_matches_xla():
     return step.logits
 
   np.testing.assert_allclose(decode("auto"), decode("xla"), atol=2e-5, rtol=0)
+
+
+def test_vmap_over_an_extra_batch_axis():
+  q, k, v = _inputs(7, 2 * 3, 2, 4, 2, 32, 30)
+  q, k, v = q.reshape(3, 2, *q.shape[1:]), k.reshape(3, 4, 30, 32), v.reshape(3, 4, 30, 32)
+  spec = MaskSpec(causal=True, q_positions=jnp.asarray([[20, 21], [8, 9]]),
+                  kv_lengths=jnp.asarray([22, 10]))
+  got = jax.vmap(lambda q, k, v: _attend("cpu_decode", q, k, v, spec)[0])(q, k, v)
+  want = jax.vmap(lambda q, k, v: _attend("xla", q, k, v, spec)[0])(q, k, v)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)

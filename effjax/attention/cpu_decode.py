@@ -146,6 +146,7 @@ def _call_kernel(q, k, v, spec: MaskSpec, scale: float, softcap: Optional[float]
   out, lse = jax.ffi.ffi_call(
       _TARGET, (jax.ShapeDtypeStruct((bk, m, h), jnp.float32),
                 jax.ShapeDtypeStruct((bk, m), jnp.float32)),
+      vmap_method="sequential",  # Correct under any vmap; the LM never vmaps its cached calls.
   )(q_rows, k, v, per_row(lo), per_row(hi), scale=np.float32(scale),
     softcap=np.float32(softcap or 0.0), mask_value=np.float32(MASK_VALUE))
   out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
