@@ -8,7 +8,9 @@ excluded), medians over repeats (effjax and transformers timed in alternation, s
 on a shared machine hits both alike), the effjax/transformers ratio, and effjax's fraction of
 this machine's roofline. Also timed in the same alternation: effjax with `attention_impl="xla"`
 (`kernel_speedup` = its time / the default's), the gain of the C++ decode-attention kernel
-(`effjax/attention/cpu_decode.py`) that `attention_impl="auto"` uses on CPU.
+(`effjax/attention/cpu_decode.py`) that `attention_impl="auto"` uses on CPU; and one layer's decode
+attention alone, kernel against XLA, with the cache half-way through the generation
+(`decode_attention_per_layer`).
 
 Roofline: measured in the same run, at its start and its end, best figure kept (a ceiling; other jobs
 only slow a run). Memory bandwidth = bytes / time of a jitted `jnp.sum` over a 512 MB float32 array
@@ -140,6 +142,33 @@ def hf_runner(model, prompts, new):
   return run, run()[:, prompts.shape[1]:].numpy()
 
 
+def attention_layer_times(cfg: LMConfig, batch: int, slots: int, visible: int,
+                          repeats: int) -> dict:
+  """One layer's decode attention (1 new token per row, `visible` of `slots` cache slots filled):
+  the C++ kernel (`impl="cpu_decode"`) against XLA (`impl="xla"`), microseconds per call."""
+  from effjax.attention import MaskSpec, dot_product_attention
+  rng = np.random.default_rng(0)
+  kh, h = cfg.num_kv_heads, cfg.head_dim
+  q = jnp.asarray(rng.standard_normal((batch, 1, cfg.num_heads, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((batch * kh, slots, h)), jnp.float32) for _ in range(2))
+  lengths = jnp.full((batch,), visible, jnp.int32)
+  spec = MaskSpec(causal=True, q_positions=lengths[:, None] - 1, kv_lengths=lengths)
+  fns = {impl: jax.jit(lambda q, k, v, impl=impl: dot_product_attention(
+      q, k, v, spec, impl=impl, strict=True, kv_layout="flat")) for impl in ("cpu_decode", "xla")}
+  calls = 20
+
+  def timed(fn):
+    def run():
+      for _ in range(calls):
+        out = fn(q, k, v)
+      out.block_until_ready()
+    return run
+  med = interleaved_medians({name: timed(fn) for name, fn in fns.items()}, repeats)
+  return {"batch": batch, "slots": slots, "visible": visible,
+          **{f"{name}_us": round(sec / calls * 1e6, 1) for name, sec in med.items()},
+          "xla_over_kernel": round(med["xla"] / med["cpu_decode"], 2)}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--quick", action="store_true", help="fewer new tokens and repeats (< 2 min)")
@@ -162,9 +191,16 @@ def main():
 
   machine = measure_machine(args.quick)
   log(f"machine: {machine}")
-  results = []
+  results, attention = [], []
   for name in args.models.split(","):
     cfg = MODELS[name]
+    if not args.no_xla_attention:
+      for batch in [int(b) for b in args.batches.split(",")]:
+        slots = min(engine.bucket_length(args.prompt_len + new), cfg.max_len)  # As the engine.
+        row = {"model": name, **attention_layer_times(cfg, batch, slots, args.prompt_len + new // 2,
+                                                      repeats=7)}
+        log(json.dumps(row))
+        attention.append(row)
     params = random_params(cfg, 0)
     hf_model = None if args.skip_hf else hf_llama.to_hf_model(params, cfg, "sdpa")
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -227,7 +263,7 @@ def main():
                   "cpu_count": os.cpu_count(), "jax": jax.__version__,
                   "torch": torch.__version__, **machine},
       "prompt_len": args.prompt_len, "new_tokens": new, "repeats": repeats,
-      "results": results, "goals_met": goals,
+      "results": results, "decode_attention_per_layer": attention, "goals_met": goals,
       "note": f"load average {os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores",
   }
   print(json.dumps(summary))
