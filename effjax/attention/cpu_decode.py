@@ -10,8 +10,9 @@ every slot of the allocated cache (RESULTS.md, "What still limits batch 8").
 
 Build: `g++` (or `$CXX`) compiles the source once per source/jaxlib/CPU combination into
 `$EFFJAX_KERNEL_CACHE` (default `~/.cache/effjax/kernels`), in a few seconds. Without a compiler,
-or with `EFFJAX_CPU_DECODE_KERNEL=0`, `available()` is False and the dispatch uses XLA, with a
-one-time warning saying why. Gradients (never needed when decoding, but allowed) are XLA's.
+or with `EFFJAX_CPU_DECODE_KERNEL=0`, `unavailable_reason()` says why and the dispatch uses XLA
+(with a one-time warning when a build failed). Gradients (never needed when decoding, but allowed)
+are XLA's.
 """
 
 from __future__ import annotations
