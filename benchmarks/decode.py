@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_timing import interleaved_medians  # noqa: E402
+from bench_timing import interleaved_medians, per_call_seconds  # noqa: E402
 from effjax.generate import engine  # noqa: E402
 from effjax.models import LMConfig, random_params  # noqa: E402
 
@@ -155,18 +155,10 @@ def attention_layer_times(cfg: LMConfig, batch: int, slots: int, visible: int,
   spec = MaskSpec(causal=True, q_positions=lengths[:, None] - 1, kv_lengths=lengths)
   fns = {impl: jax.jit(lambda q, k, v, impl=impl: dot_product_attention(
       q, k, v, spec, impl=impl, strict=True, kv_layout="flat")) for impl in ("cpu_decode", "xla")}
-  calls = 20
-
-  def timed(fn):
-    def run():
-      for _ in range(calls):
-        out = fn(q, k, v)
-      out.block_until_ready()
-    return run
-  med = interleaved_medians({name: timed(fn) for name, fn in fns.items()}, repeats)
+  per_call = per_call_seconds(fns, (q, k, v), calls=20, rounds=repeats)
   return {"batch": batch, "slots": slots, "visible": visible,
-          **{f"{name}_us": round(sec / calls * 1e6, 1) for name, sec in med.items()},
-          "xla_over_kernel": round(med["xla"] / med["cpu_decode"], 2)}
+          **{f"{name}_us": round(sec * 1e6, 1) for name, sec in per_call.items()},
+          "xla_over_kernel": round(per_call["xla"] / per_call["cpu_decode"], 2)}
 
 
 def main():
