@@ -92,19 +92,6 @@ def ensure_trained(workdir: str, arg, steps: int, allow: bool) -> None:
   tasks.get("lm").run(config, workdir)
 
 
-def timed_sets(fn, prompt_sets, reps):
-  """Median seconds of running fn(prompts) over every prompt set; also the outputs of one pass."""
-  run = lambda: [fn(p) for p in prompt_sets]
-  outs = run()
-  jax.block_until_ready([o.tokens for o in outs])
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready([fn(p).tokens for p in prompt_sets])
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), outs
-
-
 def hf_assisted(target, t_cfg, draft, d_cfg, prompts, max_new, gammas, reps):
   """transformers' greedy generation, plain and assisted, batch 1, one prompt after another."""
   import torch
@@ -180,16 +167,14 @@ def main(argv=None):
       for temp in temps:
         sampling = SamplingParams(temperature=temp)
         rng = jax.random.key(0)
-        ar_s, ar_outs = timed_sets(lambda p: generate(target, t_cfg, p, max_new_tokens=max_new,
-                                                      sampling=sampling, rng=rng), sets, reps)
+        ar_s, ar_outs = metrics_lib.median_seconds_over_sets(
+            lambda p: generate(target, t_cfg, p, max_new_tokens=max_new, sampling=sampling,
+                               rng=rng), sets, reps)
         for gamma, adaptive in [(g, False) for g in gammas] + [(max(gammas), True)]:
-          spec_s, outs = timed_sets(lambda p: speculative_generate(
+          spec_s, outs = metrics_lib.median_seconds_over_sets(lambda p: speculative_generate(
               target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
               sampling=sampling, rng=rng, adaptive=adaptive, cost_ratio=cost), sets, reps)
-          merged = jax.tree.map(lambda *xs: sum(np.asarray(x) for x in xs)
-                                if np.ndim(xs[0]) == 0 else np.concatenate(xs),
-                                *[o.metrics for o in outs])
-          lengths = np.concatenate([np.asarray(o.lengths) for o in outs])
+          merged, lengths = metrics_lib.merge_rows(outs)
           s = metrics_lib.summarize(merged, lengths, cost_ratio=cost, measured_speedup=ar_s / spec_s)
           row = {"draft": name, "temperature": temp, "batch": batch,
                  "gamma": f"{gamma}a" if adaptive else gamma, "ar_s": round(ar_s, 4),
@@ -215,8 +200,9 @@ def main(argv=None):
   hf = hf_assisted(target, t_cfg, d_params, drafts["scratch"][0], prompts[:4], max_new,
                    sorted({best_g, 4}), reps)
   hf_plain_tokens = hf.pop("hf_plain_tokens")
-  ar1 = timed_sets(lambda p: generate(target, t_cfg, p, max_new_tokens=max_new),
-                   [prompts[i:i + 1] for i in range(4)], 1)[1]
+  ar1 = metrics_lib.median_seconds_over_sets(
+      lambda p: generate(target, t_cfg, p, max_new_tokens=max_new),
+      [prompts[i:i + 1] for i in range(4)], 1)[1]
   hf["hf_plain_equals_effjax_greedy"] = all(
       np.array_equal(np.asarray(o.tokens[0]), t) for o, t in zip(ar1, hf_plain_tokens))
   hf_best = min(v for k, v in hf.items() if k.startswith("hf_assisted_") and k.endswith("_s"))

@@ -46,6 +46,32 @@ def predicted_speedup(alpha: float, gamma: float, cost_ratio: float,
   return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + verify_cost)
 
 
+def median_seconds_over_sets(fn, prompt_sets, repeats: int):
+  """Median seconds of running `fn(prompts)` over every prompt set in turn, after one warm-up pass.
+
+  Batch-1 latency is measured over several prompts run one after another (one prompt decides too
+  little: a draft can agree with the target on one text and not on the next). Returns (seconds,
+  the warm-up pass's outputs, one per set).
+  """
+  outs = [fn(p) for p in prompt_sets]
+  jax.block_until_ready([o.tokens for o in outs])
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready([fn(p).tokens for p in prompt_sets])
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), outs
+
+
+def merge_rows(outputs) -> tuple:
+  """(metrics, lengths) of several `SpecOutput`s as if they were one batch: counters that are
+  per-row arrays are concatenated, scalar counters summed."""
+  metrics = jax.tree.map(lambda *xs: sum(np.asarray(x) for x in xs) if np.ndim(xs[0]) == 0
+                         else np.concatenate([np.asarray(x) for x in xs]),
+                         *[o.metrics for o in outputs])
+  return metrics, np.concatenate([np.asarray(o.lengths) for o in outputs])
+
+
 def summarize(metrics: SpecMetrics, lengths, *, cost_ratio: Optional[float] = None,
               measured_speedup: Optional[float] = None,
               verify_cost: Optional[float] = None) -> dict:

@@ -1,18 +1,17 @@
 """The study's decoding benchmark: autoregressive vs speculative vs Medusa on the trained models.
 
 Every method decodes the same prompts (validation documents the models never trained on) to the
-same number of new tokens, with EOS stopping off so rows do equal work. Each timing is the median
-of `bench.repeats` runs after one compiling warm-up. Speedup = autoregressive time / method time at
-the same batch and sampling, so all speedups are wall-clock and measured in the same process.
+same number of new tokens, with EOS stopping off so rows do equal work: `max(bench.batch_sizes)`
+prompts, run as consecutive batches of the row's batch size (batch 1 decodes each prompt in turn;
+one prompt alone decides too little). Each timing is the median of `bench.repeats` passes over
+them after one compiling warm-up. Speedup = autoregressive time / method time at the same batch and
+sampling, so all speedups are wall-clock and measured in the same process.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import statistics
-import time
-from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -46,16 +45,6 @@ def load_lm(workdir: str, cfg: LMConfig):
   return load_params(workdir, abstract)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-  out = jax.block_until_ready(fn())  # Compile and warm up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
-
-
 def _lm_config(train_cfg) -> LMConfig:
   from effjax.train import lm_task
   return lm_task.model_config(train_cfg)
@@ -67,6 +56,7 @@ def run(config, trained: dict, step_dir: str) -> dict:
   from effjax.speculative import view as spec_view
   from effjax.speculative.decode import speculative_generate
   b = config.bench
+  timed = spec_metrics.median_seconds_over_sets
   target_cfg = _lm_config(config.target).replace(matmul_precision="default")
   target = load_lm(trained["target"]["workdir"], target_cfg)
   drafts = {}
@@ -100,22 +90,22 @@ def run(config, trained: dict, step_dir: str) -> dict:
   view_html, view_text = "", ""
   rng = jax.random.PRNGKey(b.seed)
   for method, batch, s_name, d_name, gamma in tqdm(jobs, desc="bench", unit="run"):
-    prompts = prompts_all[:batch]
+    prompt_sets = [prompts_all[i:i + batch] for i in range(0, len(prompts_all) - batch + 1, batch)]
     sampling = samplings.get(s_name, SamplingParams())
     row = {"method": method, "sampling": s_name, "batch": batch, "gamma": gamma, "draft": d_name}
     if method == "autoregressive":
-      t, out = _median_time(lambda: engine.generate(
-          target, target_cfg, prompts, max_new_tokens=n_new, sampling=sampling, rng=rng).tokens,
-          b.repeats)
+      t, _ = timed(lambda p: engine.generate(target, target_cfg, p, max_new_tokens=n_new,
+                                             sampling=sampling, rng=rng), prompt_sets, b.repeats)
       ar_time[(batch, s_name)] = t
       row.update(passes_per_token=1.0)
     elif method == "speculative":
       d_params, d_cfg = drafts[d_name]
-      call = lambda record=False: speculative_generate(
-          target, target_cfg, d_params, d_cfg, prompts, gamma=gamma, max_new_tokens=n_new,
+      call = lambda p, record=False: speculative_generate(
+          target, target_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=n_new,
           sampling=sampling, rng=rng, record_rounds=record)
-      t, out = _median_time(call, b.repeats)
-      summary = spec_metrics.summarize(out.metrics, out.lengths, cost_ratio=cost_ratios[d_name],
+      t, outs = timed(call, prompt_sets, b.repeats)
+      summary = spec_metrics.summarize(*spec_metrics.merge_rows(outs),
+                                       cost_ratio=cost_ratios[d_name],
                                        verify_cost=verify_costs[(batch, gamma)])
       row.update({k: summary.get(k) for k in ("tar", "tau", "alpha", "predicted_speedup",
                                               "verify_cost", "predicted_speedup_verify")})
@@ -124,7 +114,7 @@ def run(config, trained: dict, step_dir: str) -> dict:
       row["cost_ratio"] = cost_ratios[d_name]
       if (batch == 1 and s_name == "greedy" and gamma == max(b.gammas) and not view_html
           and d_name == list(drafts)[-1]):
-        record = call(record=True).rounds
+        record = call(prompt_sets[0], record=True).rounds
         view_html = spec_view.render_html(record, rows=[0], token_str=tok.token_str)
         view_text = spec_view.render_terminal(record, 0, token_str=tok.token_str)
     else:
@@ -138,15 +128,17 @@ def run(config, trained: dict, step_dir: str) -> dict:
       kwargs = dict(max_new_tokens=n_new, tree=tree, rng=rng)
       if typical is not None:
         kwargs.update(typical=typical, sampling=SamplingParams(temperature=1.0))
-      t, out = _median_time(lambda: medusa_decode.generate(target, heads, target_cfg, prompts,
-                                                           **kwargs), b.repeats)
-      m = medusa_decode.decode_metrics(out)
+      t, outs = timed(lambda p: medusa_decode.generate(target, heads, target_cfg, p, **kwargs),
+                      prompt_sets, b.repeats)
+      m = medusa_decode.decode_metrics(outs[0].replace(  # All sets' rows as one batch.
+          accept_counts=np.concatenate([np.asarray(o.accept_counts) for o in outs]),
+          lengths=np.concatenate([np.asarray(o.lengths) for o in outs])))
       row.update(tar=m.get("tar"), tau=m.get("tau"),
                  passes_per_token=m.get("target_passes_per_token"),
                  per_position_acceptance=m.get("per_position_acceptance"))
       row["tree_size"] = b.medusa_tree_size
     row["seconds"] = t
-    row["tokens_per_s"] = batch * n_new / t
+    row["tokens_per_s"] = len(prompt_sets) * batch * n_new / t
     rows.append(row)
   for row in rows:
     base = ar_time.get((row["batch"], "greedy" if row["sampling"] == "typical"
