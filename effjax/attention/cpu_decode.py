@@ -8,7 +8,7 @@ G*T query rows, only over the slots some row can see, and splits the blocks over
 threads - where XLA:CPU runs the same attention as one small Eigen matmul per (row, kv head) over
 every slot of the allocated cache (RESULTS.md, "What still limits batch 8").
 
-Build: `g++` (or `$CXX`) compiles the source once per source/jaxlib/CPU combination into
+Build: `effjax.ops.cpu_ffi` compiles the source once per source/jaxlib/CPU combination into
 `$EFFJAX_KERNEL_CACHE` (default `~/.cache/effjax/kernels`), in a few seconds. Without a compiler,
 or with `EFFJAX_CPU_DECODE_KERNEL=0`, `unavailable_reason()` says why and the dispatch uses XLA
 (with a one-time warning when a build failed). Gradients (never needed when decoding, but allowed)
@@ -17,15 +17,8 @@ are XLA's.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from typing import Optional
 
 import jax
@@ -34,66 +27,22 @@ import numpy as np
 
 from effjax.attention import xla as xla_impl
 from effjax.attention.mask import MASK_VALUE, MaskSpec
+from effjax.ops import cpu_ffi
 
 MAX_QUERIES = 16
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "decode_attention.cc")
 _TARGET = "effjax_cpu_decode_attention"
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC",
-          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
-
-
-def _cpu_signature() -> str:
-  """The CPU's feature flags: a library built with -march=native runs only where they match."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next((line for line in f if line.startswith("flags")), "")
-  except OSError:
-    flags = ""
-  return platform.machine() + flags
-
-
-def _library_path() -> str:
-  import jaxlib
-  with open(_SOURCE, "rb") as f:
-    key = hashlib.sha1(f.read() + jaxlib.__version__.encode() + " ".join(_FLAGS).encode()
-                       + _cpu_signature().encode()).hexdigest()[:16]
-  cache = os.environ.get("EFFJAX_KERNEL_CACHE",
-                         os.path.join(os.path.expanduser("~"), ".cache", "effjax", "kernels"))
-  return os.path.join(cache, f"effjax_cpu_decode_{key}.so")
-
-
-def _build(path: str) -> None:
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if compiler is None:
-    raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-  os.close(fd)
-  cmd = [compiler, *_FLAGS, "-w", f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-  os.replace(tmp, path)  # Atomic: concurrent builders (pytest-xdist workers) never see half a file.
+_FLAGS = (*cpu_ffi.BASE_FLAGS, "-ffast-math", "-fopenmp-simd")
 
 
 @functools.cache
 def _load() -> Optional[str]:
   """Builds (once) and registers the kernel; returns why it is unavailable, or None."""
-  if os.environ.get("EFFJAX_CPU_DECODE_KERNEL", "1").lower() in ("0", "false", "no"):
+  if cpu_ffi.disabled("EFFJAX_CPU_DECODE_KERNEL"):
     return "disabled by EFFJAX_CPU_DECODE_KERNEL=0"
-  try:
-    path = _library_path()
-    if not os.path.exists(path):
-      logging.info("building the CPU decode-attention kernel into %s", path)
-      _build(path)
-    library = ctypes.cdll.LoadLibrary(path)
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.EffjaxCpuDecodeAttention),
-                                platform="cpu")
-  except (OSError, RuntimeError, AttributeError) as e:
-    return f"the CPU decode-attention kernel could not be built or loaded: {e}"
-  return None
+  return cpu_ffi.load(_SOURCE, _FLAGS, "EffjaxCpuDecodeAttention", _TARGET,
+                      "CPU decode-attention kernel")
 
 
 def unavailable_reason() -> Optional[str]:

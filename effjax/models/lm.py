@@ -26,6 +26,7 @@ from flax import linen as nn
 from effjax.attention import MaskSpec, dot_product_attention
 from effjax.attention.xla import unflatten_kv
 from effjax.models.numerics import Numerics
+from effjax.ops import few_row_matmul
 
 
 
@@ -54,6 +55,9 @@ class LMConfig(Numerics):
   attention_impl: str = "auto"
   attention_kv_chunk: int = 512
   attention_interpret: Optional[bool] = None  # Force Pallas interpret mode (None: env / CPU default).
+  # "auto": cached calls with few new tokens per row use effjax.ops.few_row_matmul on CPU
+  # (float32); "xla": always XLA's dot.
+  matmul_impl: str = "auto"
   matmul_precision: str = "default"  # "highest" for bit-exactness tests
   remat: bool = False
 
@@ -61,7 +65,16 @@ class LMConfig(Numerics):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
                        f"{self.num_kv_heads} (grouped-query attention)")
+    if self.matmul_impl not in ("auto", "xla"):
+      raise ValueError(f"matmul_impl={self.matmul_impl!r}: use 'auto' (the CPU few-row kernel "
+                       "where it applies) or 'xla'")
     self.check_numerics()
+
+  def uses_few_row_matmul(self, cached: bool, tokens_per_row: int) -> bool:
+    """Whether a call's weight matmuls go to the CPU few-row kernel (decided at trace time)."""
+    return (cached and self.matmul_impl == "auto"
+            and tokens_per_row <= few_row_matmul.MAX_TOKENS_PER_ROW
+            and few_row_matmul.unsupported_reason(self.compute_dtype, self.weight_dtype) is None)
 
   def num_params(self) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -203,22 +216,31 @@ def _write_cache(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array
   return buf.at[blocks, slots].set(new, mode="drop", unique_indices=True)
 
 
+def _project(x, w, cfg: LMConfig, few_rows: bool, equation: str):
+  """x [B, T, Din] times w [Din, ...] (`equation` for XLA's einsum) -> [B, T, ...]."""
+  if few_rows:  # The kernel wants w as [Din, Dout]; the reshapes are free (row-major).
+    out = few_row_matmul.matmul(x, w.reshape(w.shape[0], -1))
+    return out.reshape(*x.shape[:-1], *w.shape[1:])
+  return jnp.einsum(equation, x, w.astype(cfg.compute_dtype), precision=cfg.precision)
+
+
 class Attention(nn.Module):
   config: LMConfig
+  few_rows: bool = False  # Weight matmuls through effjax.ops.few_row_matmul (LMConfig docs).
 
   @nn.compact
   def __call__(self, x, positions, layer_k=None, layer_v=None, lengths=None, segment_ids=None,
                new_token_mask=None):
     cfg = self.config
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dt, pdt, prec = cfg.compute_dtype, cfg.weight_dtype, cfg.precision
+    pdt, prec = cfg.weight_dtype, cfg.precision
     wq = _dense_param(self, "wq", (d, n, h), ("embed", "heads", "head_dim"), pdt, d)
     wk = _dense_param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
     wv = _dense_param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
     wo = _dense_param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, n * h)
-    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt), precision=prec)  # [B, T, N, H]
-    key = jnp.einsum("btd,dkh->btkh", x, wk.astype(dt), precision=prec)  # [B, T, K, H]
-    val = jnp.einsum("btd,dkh->btkh", x, wv.astype(dt), precision=prec)  # [B, T, K, H]
+    q = _project(x, wq, cfg, self.few_rows, "btd,dnh->btnh")  # [B, T, N, H]
+    key = _project(x, wk, cfg, self.few_rows, "btd,dkh->btkh")  # [B, T, K, H]
+    val = _project(x, wv, cfg, self.few_rows, "btd,dkh->btkh")  # [B, T, K, H]
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
     inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(q, positions, inv_freq)
@@ -250,8 +272,8 @@ class Attention(nn.Module):
                                 kv_layout="bskh" if layer_k is None else "flat")  # [B, T, N, H]
     # As one [B, T, N*H] x [N*H, D] matmul: written as "btnh,nhd->btd", XLA:CPU transposed wo into
     # [H, N, D] on every call (15% of lm/small's decode step; tests/test_decode_step_hlo.py).
-    out = jnp.einsum("btf,fd->btd", out.reshape(out.shape[0], t, n * h),
-                     wo.astype(dt).reshape(n * h, d), precision=prec)  # [B, T, D]
+    out = _project(out.reshape(out.shape[0], t, n * h), wo.reshape(n * h, d), cfg,
+                   self.few_rows, "btf,fd->btd")  # [B, T, D]
     if layer_k is None:
       return out, None, None
     return out, all_k, all_v
@@ -259,31 +281,33 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   config: LMConfig
+  few_rows: bool = False
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    d, f, dt, prec = cfg.d_model, cfg.mlp_dim, cfg.compute_dtype, cfg.precision
+    d, f = cfg.d_model, cfg.mlp_dim
     gate = _dense_param(self, "gate", (d, f), ("embed", "mlp"), cfg.weight_dtype, d)
     up = _dense_param(self, "up", (d, f), ("embed", "mlp"), cfg.weight_dtype, d)
     down = _dense_param(self, "down", (f, d), ("mlp", "embed"), cfg.weight_dtype, f)
-    hidden = nn.silu(jnp.einsum("btd,df->btf", x, gate.astype(dt), precision=prec)) * jnp.einsum(
-        "btd,df->btf", x, up.astype(dt), precision=prec)  # [B, T, F]
+    hidden = nn.silu(_project(x, gate, cfg, self.few_rows, "btd,df->btf")) * _project(
+        x, up, cfg, self.few_rows, "btd,df->btf")  # [B, T, F]
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
-    return jnp.einsum("btf,fd->btd", hidden, down.astype(dt), precision=prec)  # [B, T, D]
+    return _project(hidden, down, cfg, self.few_rows, "btf,fd->btd")  # [B, T, D]
 
 
 class Block(nn.Module):
   config: LMConfig
+  few_rows: bool = False
 
   @nn.compact
   def __call__(self, x, positions, layer_k, layer_v, lengths, segment_ids, new_token_mask):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-    attn_out, new_k, new_v = Attention(cfg, name="attn")(
+    attn_out, new_k, new_v = Attention(cfg, self.few_rows, name="attn")(
         norm("attn_norm")(x), positions, layer_k, layer_v, lengths, segment_ids, new_token_mask)
     x = x + attn_out
-    x = x + MLP(cfg, name="mlp")(norm("mlp_norm")(x))
+    x = x + MLP(cfg, self.few_rows, name="mlp")(norm("mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return x, new_k, new_v
 
@@ -322,13 +346,14 @@ class LM(nn.Module):
     x = jnp.take(embed, tokens, axis=0).astype(cfg.compute_dtype)  # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     block_cls = nn.remat(Block) if cfg.remat else Block
+    few_rows = cfg.uses_few_row_matmul(cache is not None, t)
     new_k, new_v, layer_hidden = [], [], []
     for i in range(cfg.num_layers):
       if return_layer_hidden:
         layer_hidden.append(x)
       lk = cache.k[i] if cache is not None else None
       lv = cache.v[i] if cache is not None else None
-      x, k_i, v_i = block_cls(cfg, name=f"layer_{i}")(
+      x, k_i, v_i = block_cls(cfg, few_rows, name=f"layer_{i}")(
           x, positions, lk, lv, cache.lengths if cache is not None else None, segment_ids,
           new_token_mask)
       new_k.append(k_i)
@@ -336,14 +361,15 @@ class LM(nn.Module):
     if return_layer_hidden:
       layer_hidden.append(x)
     hidden = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and few_rows:
+      logits = few_row_matmul.matmul(hidden, embed, transpose_w=True)  # [B, T, V]
+    elif cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", hidden, embed.astype(cfg.compute_dtype),
                           precision=cfg.precision)
     else:
       head = _dense_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                           cfg.weight_dtype, cfg.d_model)
-      logits = jnp.einsum("btd,dv->btv", hidden, head.astype(cfg.compute_dtype),
-                          precision=cfg.precision)
+      logits = _project(hidden, head, cfg, few_rows, "btd,dv->btv")
     logits = nn.with_logical_constraint(logits.astype(jnp.float32),
                                         ("batch", "length", "act_vocab"))  # [B, T, V]
     new_cache = None

@@ -1,0 +1,252 @@
+// Few-row float32 matmul on CPU as an XLA FFI custom call: out[M, N] = x[M, K] @ W.
+//
+// Why: a decode step multiplies a handful of rows (batch x new tokens) by every weight matrix.
+// There XLA:CPU takes 1.5-2.4x as long as torch (RESULTS.md, "Where the time goes": 72 us vs 30 us
+// at [5, 256] x [256, 768]); the step is a stream over the weights, and this kernel reads each
+// weight panel once for up to kMaxRows rows held in registers.
+//
+// Operands:   x [M, K];  w [K, N] ("nn", a Dense kernel) or [N, K] ("nt", a tied embedding)
+// Attribute:  transpose_w (bool): w is [N, K]
+// Result:     out [M, N]
+//
+// Exactness contract (speculative and Medusa decoding compare their outputs with plain greedy
+// decoding bit for bit): every output element is computed by the same sequence of float
+// operations whatever M, the row's position in the batch, or the panel it falls in - "nn": one
+// fused multiply-add per k, in k order, from zero; "nt": per-lane fused multiply-adds over k in
+// steps of kLanes, then one fixed horizontal sum. Built without -ffast-math so the compiler cannot
+// reassociate them.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// ---- One SIMD vector of floats: AVX-512, AVX2 + FMA, or scalar. ----
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kMaxRows = 12;  // 32 vector registers: 12 x 2 accumulators + 2 weight vectors.
+using Vec = __m512;
+inline __mmask16 lane_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload_n(const float* p, int n) { return _mm512_maskz_loadu_ps(lane_mask(n), p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline void vstore_n(float* p, Vec v, int n) { _mm512_mask_storeu_ps(p, lane_mask(n), v); }
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kLanes = 8;
+constexpr int kMaxRows = 6;  // 16 vector registers: 6 x 2 accumulators + 2 weight vectors.
+using Vec = __m256;
+inline __m256i lane_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vload_n(const float* p, int n) { return _mm256_maskload_ps(p, lane_mask(n)); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline void vstore_n(float* p, Vec v, int n) { _mm256_maskstore_ps(p, lane_mask(n), v); }
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(Vec v) {  // A fixed tree: ((0+4)+(2+6)) + ((1+5)+(3+7)).
+  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+}
+#else
+constexpr int kLanes = 1;
+constexpr int kMaxRows = 4;
+using Vec = float;
+inline Vec vzero() { return 0.0f; }
+inline Vec vload(const float* p) { return *p; }
+inline Vec vload_n(const float* p, int n) { return n > 0 ? *p : 0.0f; }
+inline void vstore(float* p, Vec v) { *p = v; }
+inline void vstore_n(float* p, Vec v, int n) {
+  if (n > 0) *p = v;
+}
+inline Vec vset(float x) { return x; }
+inline Vec vfma(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
+inline float vsum(Vec v) { return v; }
+#endif
+
+// "nn": a panel is 2 vectors of columns (32 with AVX-512), so up to kMaxRows rows fit in
+// registers; measured against 4 vectors x 6 rows, it was as fast at 1-5 rows and faster at 8-12.
+constexpr int kPanelVecs = 2;
+constexpr int64_t kPanel = kPanelVecs * kLanes;
+constexpr int kDotCols = 4;  // "nt": 4 output columns per block.
+
+struct Problem {
+  const float* x;
+  const float* w;
+  float* out;
+  int64_t m, k, n;
+};
+
+// "nn": rows [r0, r0 + kRows) x columns [c0, c0 + width) of out; accumulators in registers.
+// kFull: the panel is kPanel wide (no masked loads).
+template <int kRows, bool kFull>
+void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width) {
+  Vec acc[kRows][kPanelVecs];
+  for (int r = 0; r < kRows; ++r)
+    for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vzero();
+  int lanes[kPanelVecs];  // Columns each vector covers (tail panel only).
+  for (int j = 0; j < kPanelVecs; ++j)
+    lanes[j] = static_cast<int>(std::clamp<int64_t>(width - j * kLanes, 0, kLanes));
+  const float* x = p.x + r0 * p.k;
+  const float* w = p.w + c0;
+  for (int64_t kk = 0; kk < p.k; ++kk, w += p.n) {
+    Vec wv[kPanelVecs];
+    for (int j = 0; j < kPanelVecs; ++j)
+      wv[j] = kFull ? vload(w + j * kLanes) : vload_n(w + j * kLanes, lanes[j]);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec xb = vset(x[r * p.k + kk]);
+      for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    float* o = p.out + (r0 + r) * p.n + c0;
+    for (int j = 0; j < kPanelVecs; ++j) {
+      if (kFull) vstore(o + j * kLanes, acc[r][j]);
+      else if (lanes[j] > 0) vstore_n(o + j * kLanes, acc[r][j], lanes[j]);
+    }
+  }
+}
+
+template <bool kFull>
+void nn_rows(const Problem& p, int64_t r0, int rows, int64_t c0, int64_t width) {
+  switch (rows) {
+#define EFFJAX_ROWS(R) \
+  case R: return nn_tile<(R <= kMaxRows ? R : 1), kFull>(p, r0, c0, width);
+    EFFJAX_ROWS(1) EFFJAX_ROWS(2) EFFJAX_ROWS(3) EFFJAX_ROWS(4) EFFJAX_ROWS(5) EFFJAX_ROWS(6)
+    EFFJAX_ROWS(7) EFFJAX_ROWS(8) EFFJAX_ROWS(9) EFFJAX_ROWS(10) EFFJAX_ROWS(11) EFFJAX_ROWS(12)
+#undef EFFJAX_ROWS
+  }
+}
+
+// One work unit of "nn": a column panel, every row.
+void nn_unit(const Problem& p, int64_t unit) {
+  const int64_t c0 = unit * kPanel, width = std::min(kPanel, p.n - c0);
+  for (int64_t r0 = 0; r0 < p.m; r0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, p.m - r0));
+    if (width == kPanel) nn_rows<true>(p, r0, rows, c0, width);
+    else nn_rows<false>(p, r0, rows, c0, width);
+  }
+}
+
+// "nt": rows [r0, r0 + kRows) x columns [c0, c0 + kCols); each a dot product of x's row and w's.
+template <int kRows, int kCols>
+void nt_tile(const Problem& p, int64_t r0, int64_t c0) {
+  Vec acc[kRows][kCols];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = vzero();
+  const float* x = p.x + r0 * p.k;
+  const float* w = p.w + c0 * p.k;
+  int64_t kk = 0;
+  for (; kk + kLanes <= p.k; kk += kLanes) {
+    Vec wv[kCols];
+    for (int c = 0; c < kCols; ++c) wv[c] = vload(w + c * p.k + kk);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec xv = vload(x + r * p.k + kk);
+      for (int c = 0; c < kCols; ++c) acc[r][c] = vfma(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (kk < p.k) {
+    const int tail = static_cast<int>(p.k - kk);
+    Vec wv[kCols];
+    for (int c = 0; c < kCols; ++c) wv[c] = vload_n(w + c * p.k + kk, tail);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec xv = vload_n(x + r * p.k + kk, tail);
+      for (int c = 0; c < kCols; ++c) acc[r][c] = vfma(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kCols; ++c) p.out[(r0 + r) * p.n + c0 + c] = vsum(acc[r][c]);
+}
+
+constexpr int kDotRows = 4;
+constexpr int64_t kDotUnit = 64;
+
+template <int kCols>
+void nt_rows(const Problem& p, int64_t r0, int rows, int64_t c0) {
+  switch (rows) {
+    case 1: return nt_tile<1, kCols>(p, r0, c0);
+    case 2: return nt_tile<2, kCols>(p, r0, c0);
+    case 3: return nt_tile<3, kCols>(p, r0, c0);
+    default: return nt_tile<kDotRows, kCols>(p, r0, c0);
+  }
+}
+
+// One work unit of "nt": 64 output columns, every row.
+void nt_unit(const Problem& p, int64_t unit) {
+  const int64_t c_end = std::min(p.n, (unit + 1) * kDotUnit);
+  for (int64_t r0 = 0; r0 < p.m; r0 += kDotRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kDotRows, p.m - r0));
+    int64_t c0 = unit * kDotUnit;
+    for (; c0 + kDotCols <= c_end; c0 += kDotCols) nt_rows<kDotCols>(p, r0, rows, c0);
+    for (; c0 < c_end; ++c0) nt_rows<1>(p, r0, rows, c0);
+  }
+}
+
+// Units (column panels) are claimed from a shared counter by the calling thread and by helpers
+// scheduled on XLA's pool. The caller never waits for a helper that has not started (it may do all
+// the work alone), so a busy pool cannot deadlock it; the shared state outlives late helpers.
+struct Shared {
+  Problem problem;
+  bool transpose_w;
+  int64_t units;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void drain(Shared& shared) {
+  for (int64_t i = shared.next.fetch_add(1); i < shared.units; i = shared.next.fetch_add(1)) {
+    if (shared.transpose_w) nt_unit(shared.problem, i);
+    else nn_unit(shared.problem, i);
+    shared.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, bool transpose_w,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[transpose_w ? 1 : 0]) {
+    return ffi::Error::InvalidArgument(
+        "effjax_few_row_matmul: x must be [M, K] and w [K, N] (or [N, K] with transpose_w)");
+  }
+  auto shared = std::make_shared<Shared>();
+  const int64_t n = wd[transpose_w ? 0 : 1];
+  shared->problem = Problem{x.typed_data(), w.typed_data(), out->typed_data(), xd[0], xd[1], n};
+  shared->transpose_w = transpose_w;
+  const int64_t unit = transpose_w ? kDotUnit : kPanel;
+  shared->units = (n + unit - 1) / unit;
+  // Below ~64K multiply-adds the work is a few microseconds: waking helpers would cost more.
+  const bool small = xd[0] * xd[1] * n < (int64_t{1} << 16);
+  const int64_t helpers = small ? 0 : std::min<int64_t>(pool.num_threads(), shared->units) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { drain(*shared); });
+  drain(*shared);
+  while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxFewRowMatmul, FewRowMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_w")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

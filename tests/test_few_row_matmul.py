@@ -1,0 +1,145 @@
+"""The C++ few-row matmul on CPU (effjax/ops/few_row_matmul.py): accuracy, exactness, routing.
+
+Accuracy is checked against float64 numpy; exactness (the same bits for a row whatever else is in
+the call - what speculative and Medusa decoding stand on) bit for bit; the LM's routing by lowering
+its calls and reading the custom calls in the program.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.models import lm, registry
+from effjax.ops import few_row_matmul
+
+pytestmark = pytest.mark.skipif(few_row_matmul.unavailable_reason() is not None,
+                                reason=f"{few_row_matmul.unavailable_reason()}")
+
+
+def _inputs(seed, m, k, n, transpose_w):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  w = rng.standard_normal((n, k) if transpose_w else (k, n)).astype(np.float32)
+  return x, w
+
+
+def _reference(x, w, transpose_w):
+  w64 = w.astype(np.float64)
+  return x.astype(np.float64) @ (w64.T if transpose_w else w64)
+
+
+# (rows, K, N): full and partial panels, K not a multiple of the vector width, row counts that
+# split into several register blocks with a remainder.
+SHAPES = [(1, 256, 768), (5, 64, 70), (13, 37, 33), (40, 128, 264), (3, 16, 1)]
+
+
+@pytest.mark.parametrize("transpose_w", [False, True], ids=["nn", "nt"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, transpose_w):
+  m, k, n = shape
+  x, w = _inputs(0, m, k, n, transpose_w)
+  got = np.asarray(few_row_matmul.matmul(jnp.asarray(x), jnp.asarray(w), transpose_w=transpose_w))
+  assert got.shape == (m, n)
+  # float32 accumulation over K terms of size ~1: error ~ sqrt(K) * 2^-24 * |terms|.
+  np.testing.assert_allclose(got, _reference(x, w, transpose_w), atol=2e-6 * k, rtol=0)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True], ids=["nn", "nt"])
+def test_rows_are_bit_identical_whatever_the_other_rows(transpose_w):
+  """A row's result does not depend on how many rows share the call or where it sits."""
+  k, n = 200, 300
+  x, w = _inputs(1, 40, k, n, transpose_w)
+  call = jax.jit(lambda x: few_row_matmul.matmul(x, jnp.asarray(w), transpose_w=transpose_w))
+  whole = np.asarray(call(jnp.asarray(x)))
+  for start, size in ((0, 1), (17, 1), (3, 5), (11, 12), (25, 13), (1, 39)):
+    part = np.asarray(call(jnp.asarray(x[start:start + size])))
+    np.testing.assert_array_equal(part, whole[start:start + size], err_msg=f"{start}+{size}")
+  # The comparison can fail: the same products summed in another order (two halves of K, then
+  # added) differ from the kernel in some bits on these shapes.
+  wk = w.T if transpose_w else w
+  other = x[:, :k // 2] @ wk[:k // 2] + x[:, k // 2:] @ wk[k // 2:]
+  assert not np.array_equal(other, whole)
+
+
+def test_gradients_are_xlas():
+  x, w = (jnp.asarray(a) for a in _inputs(2, 6, 48, 40, False))
+  for transpose_w, w_ in ((False, w), (True, w.T)):
+    loss = lambda x, w: jnp.sum(jnp.sin(few_row_matmul.matmul(x, w, transpose_w=transpose_w)))
+    want_loss = lambda x, w: jnp.sum(jnp.sin(
+        jnp.matmul(x, w.T if transpose_w else w, precision="highest")))
+    got = jax.grad(loss, argnums=(0, 1))(x, w_)
+    want = jax.grad(want_loss, argnums=(0, 1))(x, w_)
+    for g, v in zip(got, want):
+      np.testing.assert_allclose(g, v, atol=1e-5, rtol=1e-5)
+
+
+def test_leading_axes_and_vmap():
+  x, w = (jnp.asarray(a) for a in _inputs(3, 12, 32, 24, False))
+  got = few_row_matmul.matmul(x.reshape(2, 3, 2, 32), w)  # [2, 3, 2, 24]
+  np.testing.assert_allclose(got.reshape(12, 24), x @ w, atol=1e-5)
+  per_example = jax.vmap(lambda x: few_row_matmul.matmul(x, w))(x.reshape(4, 3, 32))
+  np.testing.assert_array_equal(per_example.reshape(12, 24), few_row_matmul.matmul(x, w))
+
+
+def test_bad_shapes_say_what_is_wrong():
+  x, w = (jnp.asarray(a) for a in _inputs(4, 2, 8, 5, False))
+  with pytest.raises(ValueError, match=r"\[\.\.\., 8\] does not fit w \(5, 8\)"):
+    few_row_matmul.matmul(x, w.T)
+  with pytest.raises(ValueError, match="matmul_impl='fast'"):
+    lm.LMConfig(matmul_impl="fast")
+
+
+def _custom_calls(cfg, params, tokens, cache):
+  text = jax.jit(lambda p, t, c: lm.LM(cfg).apply(p, t, cache=c).logits).lower(
+      params, tokens, cache).as_text()
+  return text.count("effjax_few_row_matmul")
+
+
+def test_lm_routes_cached_few_token_calls_only():
+  cfg = registry.get("lm/tiny", matmul_precision="highest")
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  cache = lm.init_cache(cfg, 2, 128)
+  # Per layer q, k, v, o, gate, up, down, plus the tied embedding's logits.
+  per_call = 7 * cfg.num_layers + 1
+  assert _custom_calls(cfg, params, jnp.zeros((2, 9), jnp.int32), cache) == per_call
+  limit = few_row_matmul.MAX_TOKENS_PER_ROW
+  assert _custom_calls(cfg, params, jnp.zeros((2, limit + 1), jnp.int32), cache) == 0
+  assert _custom_calls(cfg.replace(matmul_impl="xla"), params, jnp.zeros((2, 1), jnp.int32),
+                       cache) == 0
+  full = jax.jit(lambda p, t: lm.LM(cfg).apply(p, t).logits).lower(
+      params, jnp.zeros((2, 9), jnp.int32)).as_text()
+  assert "effjax_few_row_matmul" not in full  # Training / full forwards stay on XLA.
+  untied = cfg.replace(tie_embeddings=False)
+  untied_params = lm.init_params(untied, jax.random.PRNGKey(0))
+  assert _custom_calls(untied, untied_params, jnp.zeros((2, 1), jnp.int32), cache) == per_call
+
+
+def test_lm_cached_decoding_matches_xla():
+  base = registry.get("lm/tiny", matmul_precision="highest")
+  params = lm.init_params(base, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
+
+  def decode(impl):
+    cfg = base.replace(matmul_impl=impl)
+    model = lm.LM(cfg)
+    cache = lm.init_cache(cfg, 2, 48).with_lengths(jnp.zeros((2,), jnp.int32))
+    prefill = model.apply(params, tokens[:, :20], cache=cache)
+    step = model.apply(params, tokens[:, 20:24], cache=prefill.cache.with_lengths(
+        jnp.asarray([20, 15])))
+    return step.logits
+
+  np.testing.assert_allclose(decode("auto"), decode("xla"), atol=2e-5, rtol=0)
+
+
+def test_falls_back_to_xla_when_the_kernel_is_disabled(monkeypatch):
+  cfg = registry.get("lm/tiny")
+  monkeypatch.setenv("EFFJAX_CPU_MATMUL_KERNEL", "0")
+  few_row_matmul._load.cache_clear()
+  try:
+    assert "disabled" in few_row_matmul.unavailable_reason()
+    assert not cfg.uses_few_row_matmul(cached=True, tokens_per_row=1)
+  finally:
+    monkeypatch.delenv("EFFJAX_CPU_MATMUL_KERNEL")
+    few_row_matmul._load.cache_clear()
+  assert cfg.uses_few_row_matmul(cached=True, tokens_per_row=1)
