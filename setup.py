@@ -44,7 +44,8 @@ setup(
     description=__doc__,
     packages=find_packages(include=["effjax", "effjax.*", "kernels_pallas", "kernels_pallas.*",
                                     "configs", "configs.*", "experiments", "experiments.*"]),
-    package_data={"effjax.attention": ["cpu_kernels/*.cc"]},  # Built on first use (cpu_decode.py).
+    # C++ kernels, built on first use (effjax/ops/cpu_ffi.py).
+    package_data={"effjax.attention": ["cpu_kernels/*.cc"], "effjax.ops": ["cpu_kernels/*.cc"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={

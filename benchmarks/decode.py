@@ -10,7 +10,8 @@ this machine's roofline. Also timed in the same alternation: effjax with `attent
 (`kernel_speedup` = its time / the default's), the gain of the C++ decode-attention kernel
 (`effjax/attention/cpu_decode.py`) that `attention_impl="auto"` uses on CPU; and one layer's decode
 attention alone, kernel against XLA, with the cache half-way through the generation
-(`decode_attention_per_layer`).
+(`decode_attention_per_layer`); and effjax with `matmul_impl="xla"` (`matmul_kernel_speedup`), the
+gain of the C++ few-row matmul (`effjax/ops/few_row_matmul.py`) its decode steps use on CPU.
 
 Roofline: measured in the same run, at its start and its end, best figure kept (a ceiling; other jobs
 only slow a run). Memory bandwidth = bytes / time of a jitted `jnp.sum` over a 512 MB float32 array
@@ -174,6 +175,9 @@ def main():
   ap.add_argument("--no_xla_attention", action="store_true",
                   help="skip the baseline run of effjax with attention_impl='xla' (decode "
                   "attention in XLA instead of the C++ kernel)")
+  ap.add_argument("--no_xla_matmul", action="store_true",
+                  help="skip the baseline run of effjax with matmul_impl='xla' (weight matmuls "
+                  "in XLA instead of the C++ few-row kernel)")
   args = ap.parse_args()
   new = args.new_tokens or (32 if args.quick else 128)
   repeats = args.repeats or (1 if args.quick else 5)
@@ -203,6 +207,9 @@ def main():
       if not args.no_xla_attention:  # Its own baseline: the same engine, attention in XLA.
         runs["effjax_xla_attention"], tok_xla_attn, _ = effjax_runner(
             params, cfg.replace(attention_impl="xla"), prompts, new)
+      if not args.no_xla_matmul:  # The same engine, weight matmuls in XLA.
+        runs["effjax_xla_matmul"], tok_xla_mm, _ = effjax_runner(
+            params, cfg.replace(matmul_impl="xla"), prompts, new)
       if hf_model is not None:
         runs["hf"], tok_hf = hf_runner(hf_model, prompts, new)
       medians = interleaved_medians(runs, repeats, warmup=False)  # runners come warmed up
@@ -216,6 +223,11 @@ def main():
                     "kernel_speedup": medians["effjax_xla_attention"] / t_eff,
                     "xla_attention_tokens_identical_fraction": float(
                         (tok_eff == tok_xla_attn).mean())})
+      if "effjax_xla_matmul" in medians:
+        row.update({"effjax_xla_matmul_tok_s": batch * new / medians["effjax_xla_matmul"],
+                    "matmul_kernel_speedup": medians["effjax_xla_matmul"] / t_eff,
+                    "xla_matmul_tokens_identical_fraction": float(
+                        (tok_eff == tok_xla_mm).mean())})
       if hf_model is not None:
         t_hf = medians["hf"]
         agree = (tok_eff == tok_hf)

@@ -3,7 +3,7 @@
 // Why: a decode step multiplies a handful of rows (batch x new tokens) by every weight matrix.
 // There XLA:CPU takes 1.5-2.4x as long as torch (RESULTS.md, "Where the time goes": 72 us vs 30 us
 // at [5, 256] x [256, 768]); the step is a stream over the weights, and this kernel reads each
-// weight panel once for up to kMaxRows rows held in registers.
+// weight panel once for up to kMaxRows rows whose accumulators stay in registers.
 //
 // Operands:   x [M, K];  w [K, N] ("nn", a Dense kernel) or [N, K] ("nt", a tied embedding)
 // Attribute:  transpose_w (bool): w is [N, K]
@@ -35,7 +35,10 @@ namespace {
 // ---- One SIMD vector of floats: AVX-512, AVX2 + FMA, or scalar. ----
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
-constexpr int kMaxRows = 12;  // 32 vector registers: 12 x 2 accumulators + 2 weight vectors.
+constexpr int kMaxRows = 6;   // 32 vector registers: 6 x 4 accumulators + 4 weight vectors,
+constexpr int kNarrowVecs = 4;
+constexpr int kWideRows = 3;  // or 3 x 8 accumulators + 8 weight vectors.
+constexpr int kWideVecs = 8;
 using Vec = __m512;
 inline __mmask16 lane_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
 inline Vec vzero() { return _mm512_setzero_ps(); }
@@ -48,7 +51,10 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(Vec v) { return _mm512_reduce_add_ps(v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kLanes = 8;
-constexpr int kMaxRows = 6;  // 16 vector registers: 6 x 2 accumulators + 2 weight vectors.
+constexpr int kMaxRows = 6;  // 16 vector registers: 6 x 2 accumulators + 2 weight vectors,
+constexpr int kNarrowVecs = 2;
+constexpr int kWideRows = 2;  // or 2 x 4 accumulators + 4 weight vectors.
+constexpr int kWideVecs = 4;
 using Vec = __m256;
 inline __m256i lane_mask(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -68,6 +74,9 @@ inline float vsum(Vec v) {  // A fixed tree: ((0+4)+(2+6)) + ((1+5)+(3+7)).
 #else
 constexpr int kLanes = 1;
 constexpr int kMaxRows = 4;
+constexpr int kNarrowVecs = 2;
+constexpr int kWideRows = 2;
+constexpr int kWideVecs = 4;
 using Vec = float;
 inline Vec vzero() { return 0.0f; }
 inline Vec vload(const float* p) { return *p; }
@@ -81,11 +90,12 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
 inline float vsum(Vec v) { return v; }
 #endif
 
-// "nn": a panel is 2 vectors of columns (32 with AVX-512), so up to kMaxRows rows fit in
-// registers; measured against 4 vectors x 6 rows, it was as fast at 1-5 rows and faster at 8-12.
-constexpr int kPanelVecs = 2;
-constexpr int64_t kPanel = kPanelVecs * kLanes;
-constexpr int kDotCols = 4;  // "nt": 4 output columns per block.
+// "nn" tiles: kRows rows x kVecs vectors of columns, the accumulators in registers while the
+// tile's weight columns stream past once. Up to kWideRows rows use wide tiles (kWideVecs vectors:
+// long contiguous reads of each weight row); more rows use narrower ones, up to kMaxRows rows
+// sharing each weight load. Chosen by end-to-end decoding (benchmarks/decode.py), not by
+// single-matmul timings, which on this machine mostly measured which weights stayed in L2.
+constexpr int64_t kUnit = kWideVecs * kLanes;  // Columns per work unit (128 with AVX-512).
 
 struct Problem {
   const float* x;
@@ -94,54 +104,67 @@ struct Problem {
   int64_t m, k, n;
 };
 
-// "nn": rows [r0, r0 + kRows) x columns [c0, c0 + width) of out; accumulators in registers.
-// kFull: the panel is kPanel wide (no masked loads).
-template <int kRows, bool kFull>
+// Rows [r0, r0 + kRows) x columns [c0, c0 + width) of out, width <= kVecs * kLanes.
+// kFull: width == kVecs * kLanes (no masked loads).
+template <int kRows, int kVecs, bool kFull>
 void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width) {
-  Vec acc[kRows][kPanelVecs];
+  Vec acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vzero();
-  int lanes[kPanelVecs];  // Columns each vector covers (tail panel only).
-  for (int j = 0; j < kPanelVecs; ++j)
+    for (int j = 0; j < kVecs; ++j) acc[r][j] = vzero();
+  int lanes[kVecs];  // Columns each vector covers (partial tiles only).
+  for (int j = 0; j < kVecs; ++j)
     lanes[j] = static_cast<int>(std::clamp<int64_t>(width - j * kLanes, 0, kLanes));
   const float* x = p.x + r0 * p.k;
   const float* w = p.w + c0;
   for (int64_t kk = 0; kk < p.k; ++kk, w += p.n) {
-    Vec wv[kPanelVecs];
-    for (int j = 0; j < kPanelVecs; ++j)
+    Vec wv[kVecs];
+    for (int j = 0; j < kVecs; ++j)
       wv[j] = kFull ? vload(w + j * kLanes) : vload_n(w + j * kLanes, lanes[j]);
     for (int r = 0; r < kRows; ++r) {
       const Vec xb = vset(x[r * p.k + kk]);
-      for (int j = 0; j < kPanelVecs; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
+      for (int j = 0; j < kVecs; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
     }
   }
   for (int r = 0; r < kRows; ++r) {
     float* o = p.out + (r0 + r) * p.n + c0;
-    for (int j = 0; j < kPanelVecs; ++j) {
+    for (int j = 0; j < kVecs; ++j) {
       if (kFull) vstore(o + j * kLanes, acc[r][j]);
       else if (lanes[j] > 0) vstore_n(o + j * kLanes, acc[r][j], lanes[j]);
     }
   }
 }
 
-template <bool kFull>
+template <int kVecs>
 void nn_rows(const Problem& p, int64_t r0, int rows, int64_t c0, int64_t width) {
+  constexpr int64_t kCols = kVecs * kLanes;
+  const bool full = width == kCols;
   switch (rows) {
-#define EFFJAX_ROWS(R) \
-  case R: return nn_tile<(R <= kMaxRows ? R : 1), kFull>(p, r0, c0, width);
+#define EFFJAX_ROWS(R)                                                        \
+  case R:                                                                     \
+    if constexpr (R <= kMaxRows) {                                            \
+      return full ? nn_tile<R, kVecs, true>(p, r0, c0, width)                 \
+                  : nn_tile<R, kVecs, false>(p, r0, c0, width);               \
+    }                                                                         \
+    break;
     EFFJAX_ROWS(1) EFFJAX_ROWS(2) EFFJAX_ROWS(3) EFFJAX_ROWS(4) EFFJAX_ROWS(5) EFFJAX_ROWS(6)
-    EFFJAX_ROWS(7) EFFJAX_ROWS(8) EFFJAX_ROWS(9) EFFJAX_ROWS(10) EFFJAX_ROWS(11) EFFJAX_ROWS(12)
 #undef EFFJAX_ROWS
   }
 }
 
-// One work unit of "nn": a column panel, every row.
+// One work unit of "nn": kUnit columns, every row.
 void nn_unit(const Problem& p, int64_t unit) {
-  const int64_t c0 = unit * kPanel, width = std::min(kPanel, p.n - c0);
-  for (int64_t r0 = 0; r0 < p.m; r0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, p.m - r0));
-    if (width == kPanel) nn_rows<true>(p, r0, rows, c0, width);
-    else nn_rows<false>(p, r0, rows, c0, width);
+  const int64_t c0 = unit * kUnit, width = std::min(kUnit, p.n - c0);
+  for (int64_t r0 = 0; r0 < p.m;) {
+    const int64_t left = p.m - r0;
+    if (left <= kWideRows) {
+      nn_rows<kWideVecs>(p, r0, static_cast<int>(left), c0, width);
+      break;
+    }
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, left));
+    constexpr int64_t kNarrow = kNarrowVecs * kLanes;
+    for (int64_t c = c0; c < c0 + width; c += kNarrow)
+      nn_rows<kNarrowVecs>(p, r0, rows, c, std::min(kNarrow, c0 + width - c));
+    r0 += rows;
   }
 }
 
@@ -176,6 +199,7 @@ void nt_tile(const Problem& p, int64_t r0, int64_t c0) {
 }
 
 constexpr int kDotRows = 4;
+constexpr int kDotCols = 4;  // "nt": 4 output columns per block.
 constexpr int64_t kDotUnit = 64;
 
 template <int kCols>
@@ -230,7 +254,7 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t n = wd[transpose_w ? 0 : 1];
   shared->problem = Problem{x.typed_data(), w.typed_data(), out->typed_data(), xd[0], xd[1], n};
   shared->transpose_w = transpose_w;
-  const int64_t unit = transpose_w ? kDotUnit : kPanel;
+  const int64_t unit = transpose_w ? kDotUnit : kUnit;
   shared->units = (n + unit - 1) / unit;
   // Below ~64K multiply-adds the work is a few microseconds: waking helpers would cost more.
   const bool small = xd[0] * xd[1] * n < (int64_t{1} << 16);
