@@ -45,7 +45,7 @@ setup(
     packages=find_packages(include=["effjax", "effjax.*", "kernels_pallas", "kernels_pallas.*",
                                     "configs", "configs.*", "experiments", "experiments.*"]),
     # C++ kernels, built on first use (effjax/ops/cpu_ffi.py).
-    package_data={"effjax.attention": ["cpu_kernels/*.cc"], "effjax.ops": ["cpu_kernels/*.cc"]},
+    package_data={"effjax.attention": ["cpu_kernels/*.cc"], "effjax.ops": ["cpu_kernels/*.cc", "cpu_kernels/*.h"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={

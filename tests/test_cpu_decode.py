@@ -13,6 +13,7 @@ import pytest
 from effjax.attention import MASK_VALUE, MaskSpec, dot_product_attention
 from effjax.attention import cpu_decode
 from effjax.models import lm, registry
+from tests.helpers_lm import prefill_rollback_step_logits
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None,
                                 reason=f"{cpu_decode.unavailable_reason()}")
@@ -141,15 +142,8 @@ def test_lm_cached_decoding_matches_xla():
   params = lm.init_params(base, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
 
-  def decode(impl):
-    cfg = base.replace(attention_impl=impl)
-    model = lm.LM(cfg)
-    cache = lm.init_cache(cfg, 2, 48).with_lengths(jnp.zeros((2,), jnp.int32))
-    prefill = model.apply(params, tokens[:, :20], cache=cache)
-    cache = prefill.cache.with_lengths(jnp.asarray([20, 15]))  # Row 1 rolls back 5 tokens.
-    step = model.apply(params, tokens[:, 20:24], cache=cache)
-    return step.logits
-
+  decode = lambda impl: prefill_rollback_step_logits(base.replace(attention_impl=impl), params,
+                                                      tokens)
   np.testing.assert_allclose(decode("auto"), decode("xla"), atol=2e-5, rtol=0)
 
 

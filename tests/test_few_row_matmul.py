@@ -12,6 +12,7 @@ import pytest
 
 from effjax.models import lm, registry
 from effjax.ops import few_row_matmul
+from tests.helpers_lm import prefill_rollback_step_logits
 
 pytestmark = pytest.mark.skipif(few_row_matmul.unavailable_reason() is not None,
                                 reason=f"{few_row_matmul.unavailable_reason()}")
@@ -120,15 +121,8 @@ def test_lm_cached_decoding_matches_xla():
   params = lm.init_params(base, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
 
-  def decode(impl):
-    cfg = base.replace(matmul_impl=impl)
-    model = lm.LM(cfg)
-    cache = lm.init_cache(cfg, 2, 48).with_lengths(jnp.zeros((2,), jnp.int32))
-    prefill = model.apply(params, tokens[:, :20], cache=cache)
-    step = model.apply(params, tokens[:, 20:24], cache=prefill.cache.with_lengths(
-        jnp.asarray([20, 15])))
-    return step.logits
-
+  decode = lambda impl: prefill_rollback_step_logits(base.replace(matmul_impl=impl), params,
+                                                      tokens)
   np.testing.assert_allclose(decode("auto"), decode("xla"), atol=2e-5, rtol=0)
 
 

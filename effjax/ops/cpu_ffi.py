@@ -21,6 +21,10 @@ from typing import Optional, Sequence
 
 import jax
 
+# Headers shared by the kernels (parallel_for.h); on the include path of every build, and part of
+# every library's cache key.
+INCLUDE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels")
+
 BASE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
               *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64")
                 else ()))
@@ -38,9 +42,13 @@ def _cpu_signature() -> str:
 
 def library_path(source: str, flags: Sequence[str]) -> str:
   import jaxlib
-  with open(source, "rb") as f:
-    key = hashlib.sha1(f.read() + jaxlib.__version__.encode() + " ".join(flags).encode()
-                       + _cpu_signature().encode()).hexdigest()[:16]
+  digest = hashlib.sha1(jaxlib.__version__.encode() + " ".join(flags).encode()
+                        + _cpu_signature().encode())
+  headers = sorted(name for name in os.listdir(INCLUDE_DIR) if name.endswith(".h"))
+  for path in [source] + [os.path.join(INCLUDE_DIR, name) for name in headers]:
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  key = digest.hexdigest()[:16]
   cache = os.environ.get("EFFJAX_KERNEL_CACHE",
                          os.path.join(os.path.expanduser("~"), ".cache", "effjax", "kernels"))
   stem = os.path.splitext(os.path.basename(source))[0]
@@ -54,7 +62,8 @@ def _build(source: str, flags: Sequence[str], path: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
   os.close(fd)
-  cmd = [compiler, *flags, "-w", f"-I{jax.ffi.include_dir()}", source, "-o", tmp]
+  cmd = [compiler, *flags, "-w", f"-I{INCLUDE_DIR}", f"-I{jax.ffi.include_dir()}", source,
+         "-o", tmp]
   done = subprocess.run(cmd, capture_output=True, text=True)
   if done.returncode != 0:
     os.unlink(tmp)

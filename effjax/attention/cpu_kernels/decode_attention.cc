@@ -14,14 +14,12 @@
 // Results:             out [BK, M, H] (zeros for rows that see no key)
 //                      lse [BK, M] (natural log; mask_value for rows that see no key)
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -133,28 +131,6 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
   }
 }
 
-// Blocks are claimed from a shared counter by the calling thread and by helpers scheduled on XLA's
-// pool. The caller never waits for a helper that has not started (it may do all the work alone), so
-// a busy pool cannot deadlock it; the shared state outlives late helpers through the shared_ptr.
-struct Shared {
-  Problem problem;
-  int64_t blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void drain(Shared& shared) {
-  std::vector<float> logits;
-  auto attend = shared.problem.h == 32    ? attend_block<32>
-                : shared.problem.h == 64  ? attend_block<64>
-                : shared.problem.h == 128 ? attend_block<128>
-                                          : attend_block<0>;
-  for (int64_t i = shared.next.fetch_add(1); i < shared.blocks; i = shared.next.fetch_add(1)) {
-    attend(shared.problem, i, logits);
-    shared.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi, float scale,
@@ -165,19 +141,20 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     return ffi::Error::InvalidArgument("effjax_cpu_decode_attention: q must be [BK, M, H] and "
                                        "k, v [BK, S, H]");
   }
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{q.typed_data(),  k.typed_data(),   v.typed_data(),
-                            lo.typed_data(), hi.typed_data(),  out->typed_data(),
-                            lse->typed_data(), qd[1],          kd[1],
-                            qd[2],           scale,            softcap,
-                            mask_value};
-  shared->blocks = qd[0];
+  const Problem problem{q.typed_data(),  k.typed_data(),    v.typed_data(), lo.typed_data(),
+                        hi.typed_data(), out->typed_data(), lse->typed_data(), qd[1],
+                        kd[1],           qd[2],             scale,            softcap,
+                        mask_value};
+  auto attend = problem.h == 32    ? attend_block<32>
+                : problem.h == 64  ? attend_block<64>
+                : problem.h == 128 ? attend_block<128>
+                                   : attend_block<0>;
   // Below ~64K cached floats the work is a few microseconds: waking helpers would cost more.
-  const bool small = qd[0] * kd[1] * kd[2] < (int64_t{1} << 16);
-  const int64_t helpers = small ? 0 : std::min<int64_t>(pool.num_threads(), shared->blocks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { drain(*shared); });
-  drain(*shared);
-  while (shared->done.load(std::memory_order_acquire) < shared->blocks) std::this_thread::yield();
+  const bool use_helpers = qd[0] * kd[1] * kd[2] >= (int64_t{1} << 16);
+  effjax::parallel_for(pool, qd[0], use_helpers, [problem, attend](int64_t block) {
+    thread_local std::vector<float> logits;  // Scratch, reused across calls on each thread.
+    attend(problem, block, logits);
+  });
   return ffi::Error::Success();
 }
 

@@ -16,16 +16,14 @@
 // steps of kLanes, then one fixed horizontal sum. Built without -ffast-math so the compiler cannot
 // reassociate them.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -223,25 +221,6 @@ void nt_unit(const Problem& p, int64_t unit) {
   }
 }
 
-// Units (column panels) are claimed from a shared counter by the calling thread and by helpers
-// scheduled on XLA's pool. The caller never waits for a helper that has not started (it may do all
-// the work alone), so a busy pool cannot deadlock it; the shared state outlives late helpers.
-struct Shared {
-  Problem problem;
-  bool transpose_w;
-  int64_t units;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void drain(Shared& shared) {
-  for (int64_t i = shared.next.fetch_add(1); i < shared.units; i = shared.next.fetch_add(1)) {
-    if (shared.transpose_w) nt_unit(shared.problem, i);
-    else nn_unit(shared.problem, i);
-    shared.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> w, bool transpose_w,
                             ffi::ResultBuffer<ffi::F32> out) {
@@ -250,18 +229,15 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "effjax_few_row_matmul: x must be [M, K] and w [K, N] (or [N, K] with transpose_w)");
   }
-  auto shared = std::make_shared<Shared>();
   const int64_t n = wd[transpose_w ? 0 : 1];
-  shared->problem = Problem{x.typed_data(), w.typed_data(), out->typed_data(), xd[0], xd[1], n};
-  shared->transpose_w = transpose_w;
-  const int64_t unit = transpose_w ? kDotUnit : kUnit;
-  shared->units = (n + unit - 1) / unit;
+  const Problem problem{x.typed_data(), w.typed_data(), out->typed_data(), xd[0], xd[1], n};
+  const int64_t unit = transpose_w ? kDotUnit : kUnit;  // Columns per work unit.
   // Below ~64K multiply-adds the work is a few microseconds: waking helpers would cost more.
-  const bool small = xd[0] * xd[1] * n < (int64_t{1} << 16);
-  const int64_t helpers = small ? 0 : std::min<int64_t>(pool.num_threads(), shared->units) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { drain(*shared); });
-  drain(*shared);
-  while (shared->done.load(std::memory_order_acquire) < shared->units) std::this_thread::yield();
+  const bool use_helpers = xd[0] * xd[1] * n >= (int64_t{1} << 16);
+  effjax::parallel_for(pool, (n + unit - 1) / unit, use_helpers, [problem, transpose_w](int64_t i) {
+    if (transpose_w) nt_unit(problem, i);
+    else nn_unit(problem, i);
+  });
   return ffi::Error::Success();
 }
 
