@@ -13,8 +13,8 @@
 # took over 4 min before their references were put under `jax.jit` (op-by-op dispatch compiled every
 # op on the GPU). 2026-11-30 (second lease): the 10 compiled tests 4.9 min in all (bf16 at head_dim
 # 128 48 s each: compiling the kernels' backward), the full `attention.py --skip-cpu` 4.2 min, the
-# decode section over 100 s (it was cut there). With a 15-minute lease, run the two phases as
-# two calls back to back (the machine stays warm for 30 s between calls).
+# decode section over 100 s (it was cut there). With a 15-minute lease, `lease` is the one call to
+# make: `correctness` and `timing` may run up to 7 and 10 minutes, more than one lease together.
 # Logs go to $OUT (or ./gpu_session_out): one file per step, JSON lines in each.
 set -u
 cd "$(dirname "$0")/.."
@@ -32,40 +32,46 @@ PY="${PYTHON:-python3}"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+# The compiled kernel tests (correctness only, so they may share the card: no preallocation;
+# float32 references at highest matmul precision). $1: time limit in seconds.
+kernel_tests() {
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$1" \
+    "$PY" -m pytest -v -p no:cacheprovider --durations=0 -m gpu_only tests/test_flash_attention.py \
+    >"$OUT/tests.log" 2>&1
+  echo "kernel tests exit $?"
+}
+
+# gpu_check.py's decode section: parity rows (printed as they come) and timings. $1: time limit.
+decode_section() {
+  timeout "$1" "$PY" benchmarks/gpu_check.py --sections decode >"$OUT/decode.log" 2>&1
+  echo "decode section exit $?"
+  grep -h '"section": "decode_' "$OUT/decode.log" | cut -c1-400
+}
+
 if [[ "$PHASE" == correctness || "$PHASE" == all ]]; then
-  # Correctness only, so the two processes may share the card (no preallocation).
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest
-  timeout 420 "$PY" -m pytest -v -p no:cacheprovider -m gpu_only tests/test_flash_attention.py \
-    >"$OUT/tests.log" 2>&1 &
+  kernel_tests 420 &
   tests_pid=$!
-  timeout 240 "$PY" -m pytest -v -p no:cacheprovider \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 \
+    "$PY" -m pytest -v -p no:cacheprovider \
     "tests/test_attention_dispatch.py::test_lm_trains_and_decodes_identically_on_pallas" \
     >"$OUT/lm.log" 2>&1
   echo "LM-on-Pallas test exit $?"
   wait "$tests_pid"
-  echo "kernel tests exit $?"
   grep -hE "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" "$OUT/lm.log" | tail -n 20
-  unset XLA_PYTHON_CLIENT_PREALLOCATE JAX_DEFAULT_MATMUL_PRECISION
 fi
 
 if [[ "$PHASE" == lease ]]; then
   # What is still unverified on a GPU, in one call (startup and the 30 s idle release between
   # calls cost too much of a 15-minute lease to split it): the decode section first (its flat-cache
   # parity rows and the fixed transposed-vs-flat timing), then the compiled kernel tests.
-  timeout 170 "$PY" benchmarks/gpu_check.py --sections decode >"$OUT/decode.log" 2>&1
-  grep -h '"section": "decode_' "$OUT/decode.log" | cut -c1-400
-  export XLA_PYTHON_CLIENT_PREALLOCATE=false
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 330 "$PY" -m pytest -v -p no:cacheprovider \
-    --durations=0 -m gpu_only tests/test_flash_attention.py >"$OUT/tests.log" 2>&1
-  echo "kernel tests exit $?"
+  decode_section 170
+  kernel_tests 330
   grep -hE "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -n 12
-  unset XLA_PYTHON_CLIENT_PREALLOCATE
 fi
 
 if [[ "$PHASE" == timing || "$PHASE" == all ]]; then
   # Timing: one process at a time.
-  timeout 90 "$PY" benchmarks/gpu_check.py --sections decode >"$OUT/decode.log" 2>&1
-  tail -n 1 "$OUT/decode.log"
+  decode_section 170
   timeout 300 "$PY" benchmarks/attention.py --skip-cpu >"$OUT/attention.log" 2>&1
   echo "attention exit $?, rows: $(grep -c seq_len "$OUT/attention.log")"
   tail -c 800 "$OUT/attention.log"
