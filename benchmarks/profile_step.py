@@ -39,12 +39,17 @@ from effjax.models import random_params, registry  # noqa: E402
 from effjax.models.lm import init_cache  # noqa: E402
 from effjax.speculative.metrics import _decode_steps  # noqa: E402
 
-_OP_LINE = re.compile(r"\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (fusion|copy|dot|custom-call)\(")
+# Array shapes ("f32[1,256]{1,0}") and tuple shapes ("(f32[4,2,32]{2,1,0}, f32[4,2]{1,0})", the
+# attention kernel's output and LSE).
+_OP_LINE = re.compile(
+    r"\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+?)(?:\{[^}]*\})? (fusion|copy|dot|custom-call)\(")
+_LAYOUT = re.compile(r"\{[^}]*\}")
 
 
 def op_shapes(hlo_text: str) -> dict[str, str]:
   """Compiled op name -> output shape, for the ops the CPU runtime executes as thunks."""
-  return {m.group(1): m.group(2) for m in map(_OP_LINE.match, hlo_text.splitlines()) if m}
+  return {m.group(1): _LAYOUT.sub("", m.group(2))
+          for m in map(_OP_LINE.match, hlo_text.splitlines()) if m}
 
 
 def main(argv=None):

@@ -229,6 +229,30 @@ def test_chunked_with_extra_mask_matches_xla():
   _close(got[1], want[1], 1e-5)
 
 
+def test_tree_mask_is_its_dense_expansion_on_the_xla_paths():
+  """MaskSpec.tree_mask (the LM's Medusa pass) equals the dense extra_mask it stands for, on the
+  plain and the chunked path (whose query tiles take rows of the tree mask)."""
+  b, t, s = 2, 6, 70
+  q, k, v = _qkv(6, b, t, s, 2, 2, 16)
+  parents = [[-1, 0, 0, 1, 1, 2], [-1, 0, 1, 2, 0, 4]]
+  tree = np.zeros((b, t, t), bool)
+  for row, par in enumerate(parents):
+    for i, p in enumerate(par):
+      tree[row, i] = tree[row, p] if p >= 0 else False
+      tree[row, i, i] = True
+  lengths = np.asarray([40, 70])
+  rel = np.arange(s)[None, :] - (lengths[:, None] - t)
+  dense = np.where(rel[:, None, :] < 0, True,
+                   np.take_along_axis(tree, np.clip(rel, 0, t - 1)[:, None, :].repeat(t, 1), 2))
+  as_tree = MaskSpec(kv_lengths=jnp.asarray(lengths), tree_mask=jnp.asarray(tree))
+  as_dense = MaskSpec(kv_lengths=jnp.asarray(lengths), extra_mask=jnp.asarray(dense))
+  want = xla_impl.xla_attention(q, k, v, as_dense, scale=0.25)
+  for got in (xla_impl.xla_attention(q, k, v, as_tree, scale=0.25),
+              xla_impl.chunked_attention(q, k, v, as_tree, scale=0.25, kv_chunk=32, q_chunk=4)):
+    _close(got[0], want[0], 1e-5)
+    _close(got[1], want[1], 1e-5)
+
+
 def test_chunked_memory_is_far_below_xla():
   """Compiled temporaries of causal forward+backward at 8k tokens (compile only, never run)."""
   shape = jax.ShapeDtypeStruct((1, 8192, 4, 64), jnp.float32)

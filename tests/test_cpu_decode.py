@@ -62,16 +62,82 @@ def test_non_causal_with_lengths_and_default_positions():
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
 
 
-def test_rows_are_computed_independently_of_each_other():
-  """A row's result does not depend on which other rows share the call (bitwise): speculative
-  verification of gamma + 1 tokens reproduces one-token decoding exactly."""
-  q, k, v = _inputs(2, 2, 9, 8, 2, 64, 80)
+@pytest.mark.parametrize("t", [3, 9, 33])
+def test_rows_are_computed_independently_of_each_other(t):
+  """A row's result does not depend on which other rows share the call (bitwise), with or without
+  helper threads (66 rows use them): speculative verification of gamma + 1 tokens reproduces
+  one-token decoding exactly."""
+  q, k, v = _inputs(2, 2, t, 8, 4, 64, 80)
   lengths = jnp.asarray([60, 80])
-  pos = lengths[:, None] - 9 + jnp.arange(9)[None, :]
+  pos = lengths[:, None] - t + jnp.arange(t)[None, :]
   spec = lambda p: MaskSpec(causal=True, q_positions=p, kv_lengths=lengths)
-  together, _ = _attend("cpu_decode", q, k, v, spec(pos))
-  alone, _ = _attend("cpu_decode", q[:, 4:5], k, v, spec(pos[:, 4:5]))
-  np.testing.assert_array_equal(together[:, 4:5], alone)
+  together = _attend("cpu_decode", q, k, v, spec(pos))
+  for r in (0, t // 2, t - 1):
+    alone = _attend("cpu_decode", q[:, r:r + 1], k, v, spec(pos[:, r:r + 1]))
+    np.testing.assert_array_equal(together[0][:, r:r + 1], alone[0])
+    np.testing.assert_array_equal(together[1][:, :, r:r + 1], alone[1])
+
+
+def _random_tree_mask(rng, b, t):
+  """[B, T, T] ancestor-or-self masks of random trees (node i's parent is a random earlier node)."""
+  masks = np.zeros((b, t, t), bool)
+  for row in range(b):
+    for i in range(t):
+      if i:
+        masks[row, i] = masks[row, rng.integers(0, i)]
+      masks[row, i, i] = True
+  return jnp.asarray(masks)
+
+
+@pytest.mark.parametrize("t", [5, 33, 65])  # 1, 2 and 3 words of tree bits per row
+def test_tree_mask_matches_xla(t):
+  """Medusa's tree pass: the prefix plus each node's ancestors and itself, read as a bitmask."""
+  rng = np.random.default_rng(t)
+  b, n, kh, h, s = 3, 8, 4, 32, 120
+  q, k, v = _inputs(7, b, t, n, kh, h, s)
+  tree = _random_tree_mask(rng, b, t)
+  spec = MaskSpec(kv_lengths=jnp.asarray([t, 90, s]), tree_mask=tree)  # Row 0: no prefix.
+  out, lse = _attend("cpu_decode", q, k, v, spec)
+  want_out, want_lse = _attend("xla", q, k, v, spec)
+  np.testing.assert_allclose(out, want_out, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(lse, want_lse, atol=2e-6, rtol=1e-6)
+  # The dense expansion is the mask the LM built before tree_mask existed.
+  rel = np.arange(s)[None, :] - (np.asarray(spec.kv_lengths)[:, None] - t)
+  tree_np = np.asarray(tree)
+  dense = np.where(rel[:, None, :] < 0, True,
+                   np.take_along_axis(tree_np, np.clip(rel, 0, t - 1)[:, None, :].repeat(t, 1), 2))
+  dense &= np.arange(s)[None, None, :] < np.asarray(spec.kv_lengths)[:, None, None]
+  np.testing.assert_array_equal(spec.dense(b, t, s), dense)
+
+
+def test_tree_node_equals_its_path_decoded_alone():
+  """A node sees the prefix and its ancestors: with the same keys laid out along its path, a causal
+  one-token call gives the same output (to rounding: the masked slots change the summation)."""
+  rng = np.random.default_rng(0)
+  b, t, n, kh, h, s = 1, 17, 4, 2, 32, 60
+  q, k, v = _inputs(8, b, t, n, kh, h, s)
+  tree = _random_tree_mask(rng, b, t)
+  prefix = 30
+  spec = MaskSpec(kv_lengths=jnp.asarray([prefix + t]), tree_mask=tree)
+  out, _ = _attend("cpu_decode", q, k, v, spec)
+  node = t - 1
+  path = np.flatnonzero(np.asarray(tree)[0, node])  # Ancestors and the node, in slot order.
+  slots = np.concatenate([np.arange(prefix), prefix + path])
+  k_path = jnp.zeros_like(k).at[:, :len(slots)].set(k[:, slots])
+  v_path = jnp.zeros_like(v).at[:, :len(slots)].set(v[:, slots])
+  causal = MaskSpec(causal=True, q_positions=jnp.asarray([[len(slots) - 1]]),
+                    kv_lengths=jnp.asarray([len(slots)]))
+  alone, _ = _attend("cpu_decode", q[:, node:node + 1], k_path, v_path, causal)
+  np.testing.assert_allclose(out[:, node:node + 1], alone, atol=1e-6, rtol=0)
+
+
+def test_tree_mask_needs_lengths_and_its_shape():
+  q, k, v = _inputs(9, 2, 3, 4, 2, 32, 40)
+  with pytest.raises(ValueError, match="give kv_lengths too"):
+    dot_product_attention(q, k, v, MaskSpec(tree_mask=jnp.ones((2, 3, 3), bool)), kv_layout="flat")
+  with pytest.raises(ValueError, match=r"tree_mask must be \[batch, T, T\]"):
+    dot_product_attention(q, k, v, MaskSpec(kv_lengths=jnp.asarray([5, 9]),
+                                            tree_mask=jnp.ones((2, 3, 4), bool)), kv_layout="flat")
 
 
 def test_gradients_are_xlas():
@@ -97,15 +163,17 @@ def test_auto_routes_cache_calls_to_the_kernel_and_the_rest_to_xla():
                   kv_lengths=jnp.asarray([8, 4]))
   assert _uses_kernel(q, k, v, spec, kv_layout="flat")
   assert not _uses_kernel(q, k, v, spec, kv_layout="flat", impl="xla")  # xla means XLA
-  long_q = jnp.concatenate([q] * 6, axis=1)  # 18 queries per row: prefill, XLA's
-  long_spec = MaskSpec(causal=True, q_positions=jnp.broadcast_to(jnp.arange(18), (2, 18)),
-                       kv_lengths=jnp.asarray([18, 18]))
+  long_q = jnp.concatenate([q] * 27, axis=1)  # 81 queries per row: prefill, XLA's
+  long_spec = MaskSpec(causal=True, q_positions=jnp.broadcast_to(jnp.arange(81), (2, 81)),
+                       kv_lengths=jnp.asarray([81, 81]))
   assert not _uses_kernel(long_q, k, v, long_spec, kv_layout="flat")
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   assert not _uses_kernel(*bf16, spec, kv_layout="flat")
-  tree = MaskSpec(causal=True, q_positions=spec.q_positions, kv_lengths=spec.kv_lengths,
-                  extra_mask=jnp.ones((2, 3, 40), bool))
-  assert not _uses_kernel(q, k, v, tree, kv_layout="flat")  # Medusa's tree mask: XLA's
+  dense = MaskSpec(causal=True, q_positions=spec.q_positions, kv_lengths=spec.kv_lengths,
+                   extra_mask=jnp.ones((2, 3, 40), bool))
+  assert not _uses_kernel(q, k, v, dense, kv_layout="flat")  # A dense extra mask: XLA's
+  tree = MaskSpec(kv_lengths=spec.kv_lengths, tree_mask=jnp.ones((2, 3, 3), bool))
+  assert _uses_kernel(q, k, v, tree, kv_layout="flat")  # Medusa's tree mask: the kernel's
 
 
 def test_explicit_impl_explains_what_it_cannot_serve():
@@ -113,8 +181,8 @@ def test_explicit_impl_explains_what_it_cannot_serve():
   bskh = lambda x: x.reshape(2, 2, 40, 32).transpose(0, 2, 1, 3)
   with pytest.raises(ValueError, match=r"impl='cpu_decode' cannot serve this call: .*flat"):
     dot_product_attention(q, bskh(k), bskh(v), impl="cpu_decode", strict=True)
-  with pytest.raises(ValueError, match="at most 16"):
-    dot_product_attention(jnp.concatenate([q] * 6, 1), k, v, impl="cpu_decode", strict=True,
+  with pytest.raises(ValueError, match="at most 80"):
+    dot_product_attention(jnp.concatenate([q] * 27, 1), k, v, impl="cpu_decode", strict=True,
                           kv_layout="flat")
   # Not strict: falls back to XLA with the same result.
   got = dot_product_attention(q, bskh(k), bskh(v), impl="cpu_decode")

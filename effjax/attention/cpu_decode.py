@@ -1,8 +1,9 @@
 """Decode attention on CPU through a small C++ kernel (XLA FFI custom call), built on first use.
 
 Serves the LM's cached calls on CPU: at most `MAX_QUERIES` new tokens per row (decoding, speculative
-verification) over the heads-major [B*K, S, H] float32 cache, with the masks a cache needs
-(per-row lengths, causal by position, a local window) and soft-capping. The kernel
+verification, Medusa's tree pass) over the heads-major [B*K, S, H] float32 cache, with the masks a
+cache needs (per-row lengths, causal by position, a local window, `MaskSpec.tree_mask` as a bitmask)
+and soft-capping. The kernel
 (`cpu_kernels/decode_attention.cc`) reads each (row, kv head)'s keys and values once for all its
 G*T query rows, only over the slots some row can see, and splits the blocks over XLA's intra-op
 threads - where XLA:CPU runs the same attention as one small Eigen matmul per (row, kv head) over
@@ -29,7 +30,8 @@ from effjax.attention import xla as xla_impl
 from effjax.attention.mask import MASK_VALUE, MaskSpec
 from effjax.ops import cpu_ffi
 
-MAX_QUERIES = 16
+# Medusa's largest default trees (64 nodes + the root) fit; a 128-token prefill is XLA's.
+MAX_QUERIES = 80
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "decode_attention.cc")
 _TARGET = "effjax_cpu_decode_attention"
@@ -66,11 +68,19 @@ def unsupported_reason(q, k, spec: MaskSpec, kv_layout: str) -> Optional[str]:
   if (spec.extra_mask is not None or spec.q_segment_ids is not None
       or spec.kv_positions is not None):
     return "extra masks, segment ids and explicit key positions are XLA's"
+  if spec.tree_mask is not None and (spec.causal or spec.local_window is not None):
+    return "a tree_mask combined with causal or local-window masking is XLA's"
   return None
 
 
 def _row_ranges(spec: MaskSpec, b: int, t: int, s: int):
-  """[B, T] half-open ranges [lo, hi) of key slots each query sees (slot index == position)."""
+  """[B, T] half-open ranges [lo, hi) of key slots each query sees (slot index == position).
+
+  With a tree mask, [lo, hi) is the prefix before the T new tokens; `_tree_bits` adds the nodes.
+  """
+  if spec.tree_mask is not None:
+    hi = jnp.broadcast_to((spec.kv_lengths.astype(jnp.int32) - t)[:, None], (b, t))
+    return jnp.zeros((b, t), jnp.int32), hi
   pos = (spec.q_positions.astype(jnp.int32) if spec.q_positions is not None
          else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
   hi = jnp.full((b, t), s, jnp.int32)
@@ -84,6 +94,17 @@ def _row_ranges(spec: MaskSpec, b: int, t: int, s: int):
   return lo, hi
 
 
+def _tree_bits(spec: MaskSpec, b: int, t: int) -> jax.Array:
+  """[B, T, W] int32 words: bit i of row t's words is tree_mask[b, t, i] (W = 0 without a tree)."""
+  if spec.tree_mask is None:
+    return jnp.zeros((b, t, 0), jnp.int32)
+  words = -(-t // 32)
+  bits = jnp.pad(spec.tree_mask.astype(jnp.uint32), ((0, 0), (0, 0), (0, 32 * words - t)))
+  weights = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
+  packed = jnp.sum(bits.reshape(b, t, words, 32) * weights, axis=-1, dtype=jnp.uint32)
+  return jax.lax.bitcast_convert_type(packed, jnp.int32)
+
+
 def _call_kernel(q, k, v, spec: MaskSpec, scale: float, softcap: Optional[float]):
   b, t, n, h = q.shape
   bk, s = k.shape[0], k.shape[1]
@@ -93,11 +114,14 @@ def _call_kernel(q, k, v, spec: MaskSpec, scale: float, softcap: Optional[float]
   q_rows = xla_impl._grouped(q, kh).transpose(0, 2, 3, 1, 4).reshape(bk, m, h)  # [B*K, G*T, H]
   lo, hi = _row_ranges(spec, b, t, s)  # [B, T]
   per_row = lambda x: jnp.broadcast_to(x[:, None, None, :], (b, kh, g, t)).reshape(bk, m)
+  bits = _tree_bits(spec, b, t)  # [B, T, W]
+  bits = jnp.broadcast_to(bits[:, None, None], (b, kh, g, *bits.shape[1:])).reshape(
+      bk, m, bits.shape[-1])  # [B*K, G*T, W]
   out, lse = jax.ffi.ffi_call(
       _TARGET, (jax.ShapeDtypeStruct((bk, m, h), jnp.float32),
                 jax.ShapeDtypeStruct((bk, m), jnp.float32)),
       vmap_method="sequential",  # Correct under any vmap; the LM never vmaps its cached calls.
-  )(q_rows, k, v, per_row(lo), per_row(hi), scale=np.float32(scale),
+  )(q_rows, k, v, per_row(lo), per_row(hi), bits, scale=np.float32(scale),
     softcap=np.float32(softcap or 0.0), mask_value=np.float32(MASK_VALUE))
   out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   return out, lse.reshape(b, n, t)

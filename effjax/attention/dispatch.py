@@ -62,6 +62,13 @@ def _validate(q, k, v, spec: MaskSpec) -> None:
                      "grouped-query attention needs num_heads % num_kv_heads == 0")
   if (spec.q_segment_ids is None) != (spec.kv_segment_ids is None):
     raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+  if spec.tree_mask is not None:
+    b, t = q.shape[:2]
+    if spec.kv_lengths is None:
+      raise ValueError("tree_mask describes the last T keys before kv_lengths; give kv_lengths too")
+    if spec.tree_mask.shape != (b, t, t):
+      raise ValueError(f"tree_mask must be [batch, T, T] = {(b, t, t)} for q{q.shape}; got "
+                       f"{spec.tree_mask.shape}")
 
 
 def _validate_flat(q, k, v, spec: MaskSpec) -> None:
@@ -146,7 +153,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     reason = None
     if jax.default_backend() != "gpu":
       reason = "cuDNN attention needs an NVIDIA GPU"
-    elif spec.extra_mask is not None or spec.q_positions is not None or softcap is not None:
+    elif (spec.extra_mask is not None or spec.tree_mask is not None
+          or spec.q_positions is not None or softcap is not None):
       reason = "cuDNN attention does not take extra masks, query offsets or soft-capping"
     if reason:
       if strict:

@@ -7,7 +7,13 @@ which (query, key) pairs are visible. A pair (i, j) of row b is visible when all
 * `kv_positions[b, j] <= q_positions[b, i]`     if `causal`
 * `q_positions[b, i] - kv_positions[b, j] < local_window`   if `local_window` is set
 * `q_segment_ids[b, i] == kv_segment_ids[b, j]` if segment ids are given (packing, padding)
-* `extra_mask[b, i, j]`                         if given (Medusa tree attention)
+* `extra_mask[b, i, j]`                         if given (any dense mask)
+* `tree_mask[b, i, j - (kv_lengths[b] - T)]`    for the last T keys, if given (Medusa's tree)
+
+`tree_mask` is the compact form of the one dense mask the decoding loops need: the T new tokens of
+a tree pass sit in the last T slots before `kv_lengths[b]`; every query sees the whole prefix before
+them and, among them, the nodes its [T, T] row allows (its ancestors and itself). Kernels that read
+it directly (the CPU decode kernel) never build the [B, T, S] mask; the others expand it here.
 
 Einsum letters used across `effjax.attention`: B batch, T query length, S key length, N query heads,
 K key/value heads, G query heads per kv head (N = K * G), H head dim.
@@ -37,6 +43,7 @@ class MaskSpec:
     q_segment_ids: [B, T] int32 (None: no segment masking).
     kv_segment_ids: [B, S] int32.
     extra_mask: [B, T, S] bool, ANDed with the rest (None: none).
+    tree_mask: [B, T, T] bool over the last T keys before kv_lengths (needs kv_lengths; None: none).
     causal: key position <= query position.
     local_window: keep only keys within this many positions behind the query (None: unlimited).
   """
@@ -47,12 +54,14 @@ class MaskSpec:
   q_segment_ids: Optional[jax.Array] = None
   kv_segment_ids: Optional[jax.Array] = None
   extra_mask: Optional[jax.Array] = None
+  tree_mask: Optional[jax.Array] = None
   causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
   local_window: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
 
   def has_mask(self) -> bool:
     return (self.causal or self.local_window is not None or self.kv_lengths is not None
-            or self.q_segment_ids is not None or self.extra_mask is not None)
+            or self.q_segment_ids is not None or self.extra_mask is not None
+            or self.tree_mask is not None)
 
   def dense(self, batch: int, q_len: int, kv_len: int, kv_offset: int | jax.Array = 0,
             kv_chunk: Optional[int] = None, q_offset: int | jax.Array = 0,
@@ -97,6 +106,15 @@ class MaskSpec:
       if rows is not None:
         extra = jnp.take(extra, rows, axis=1, mode="clip")
       mask &= extra
+    if self.tree_mask is not None:
+      t = self.tree_mask.shape[1]
+      rel = cols[None, :] - (self.kv_lengths[:, None] - t)  # [B, S'] slot - first new slot
+      node_rows = self.tree_mask if rows is None else jnp.take(self.tree_mask, rows, axis=1,
+                                                               mode="clip")  # [B, T', T]
+      in_tree = jnp.take_along_axis(
+          node_rows, jnp.broadcast_to(jnp.clip(rel, 0, t - 1)[:, None, :],
+                                      (batch, node_rows.shape[1], width)), axis=2)
+      mask &= jnp.where(rel[:, None, :] < 0, True, in_tree)
     return mask
 
 

@@ -12,7 +12,7 @@ a local window, logit soft-capping, grouped/multi-query attention, Sq != Sk, any
 head_dim up to 256, float32/bfloat16/float16. What makes `pallas_attention` return None (the
 dispatcher then falls back to XLA/chunked with a one-time warning, or raises under `strict`):
 
-* `spec.extra_mask` (dense tree-attention masks, e.g. Medusa verification);
+* `spec.extra_mask` or `spec.tree_mask` (tree attention, e.g. Medusa verification);
 * a CPU backend without interpret mode (compiled Pallas needs a GPU or TPU);
 * head_dim > 256, another dtype, or a traced (non-static) `scale`/`softcap`.
 """
@@ -49,9 +49,9 @@ def kernel_style(interpret) -> str:
 
 def unsupported_reason(q, k, spec: MaskSpec, scale, softcap, interpret) -> Optional[str]:
   """Why the kernels cannot serve this call, or None when they can."""
-  if spec.extra_mask is not None:
-    return ("the kernels take no dense extra_mask (tree attention); express the mask through "
-            "positions and segment ids")
+  if spec.extra_mask is not None or spec.tree_mask is not None:
+    return ("the kernels take no extra_mask or tree_mask (tree attention); express the mask "
+            "through positions and segment ids")
   if jax.default_backend() == "cpu" and not interpret:
     return ("compiled Pallas kernels need a GPU or TPU; pass interpret=True (or set "
             "EFFJAX_PALLAS_INTERPRET=1)")

@@ -254,18 +254,13 @@ class Attention(nn.Module):
     else:
       all_k = _write_cache(layer_k, key, lengths)  # [B*K, S, H]
       all_v = _write_cache(layer_v, val, lengths)
-      s = all_k.shape[1]
       if new_token_mask is None:
         # Slot index == absolute position for ordinary decoding, so causality compares positions.
         spec = MaskSpec(q_positions=lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None],
                         kv_lengths=lengths + t, causal=True)
       else:
         # Tree attention: the prefix is fully visible, new tokens see what new_token_mask allows.
-        rel = jnp.arange(s, dtype=jnp.int32)[None, :] - lengths[:, None]  # [B, S]
-        tree = jnp.take_along_axis(
-            new_token_mask, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
-        extra = jnp.where(rel[:, None, :] < 0, True, tree)  # [B, T, S]
-        spec = MaskSpec(kv_lengths=lengths + t, extra_mask=extra)
+        spec = MaskSpec(kv_lengths=lengths + t, tree_mask=new_token_mask)
     out = dot_product_attention(q, all_k, all_v, spec, impl=cfg.attention_impl,
                                 kv_chunk=cfg.attention_kv_chunk, precision=prec,
                                 interpret=cfg.attention_interpret,

@@ -1,18 +1,28 @@
 // Decode attention on CPU as an XLA FFI custom call: a few query rows per (batch row, kv head)
-// against that head's contiguous [S, H] slice of the LM's heads-major KV cache.
+// against that head's contiguous [S, H] slice of the LM's heads-major KV cache, under a per-row
+// range of visible slots plus an optional tree bitmask (Medusa's tree attention).
 //
 // Why: XLA:CPU runs the two batched [G*T, H] x [H, S] matmuls of decode attention as one small
 // Eigen call per batch element, 4-5x slower than torch's bmm on the same shapes (RESULTS.md), and
 // over every slot of the allocated cache. Here each (row, kv head) block reads its keys and values
 // once for all G*T query rows, only over the slots some row can see, with a vectorisable exp,
-// split over XLA's intra-op thread pool.
+// split over XLA's intra-op thread pool. Under Medusa's dense [B, T, S] tree mask a 33-token pass
+// spent more time in XLA's attention and its mask fusions than in the weight matmuls; here the tree
+// is a few bits per query row.
 //
 // Operands (float32):  q [BK, M, H]  rows m = g * T + t of kv head k of batch row b (BK = B * K)
 //                      k, v [BK, S, H]
 //                      lo, hi [BK, M] int32: row m sees key slots lo <= j < hi (empty if lo >= hi)
+//                      tree [BK, M, W] int32 (W may be 0): row m also sees slot hi + i for every
+//                        bit i (bit i % 32 of word i / 32) set in its words
 // Attributes:          scale, softcap (0: none)
 // Results:             out [BK, M, H] (zeros for rows that see no key)
 //                      lse [BK, M] (natural log; mask_value for rows that see no key)
+//
+// Exactness: a row's numbers depend only on its own query, mask and the cache - never on which
+// other rows share the call (each row's softmax runs over its own slot range; masked slots get
+// exact zeros and are skipped) - so speculative verification reproduces one-token decoding bit for
+// bit (tests/test_cpu_decode.py).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -45,13 +55,38 @@ inline float exp_nonpositive(float x) {
   return p * scale;
 }
 
+// Masked slots of tree rows hold this before the exp (finite, far below any real logit; the kernel
+// is built with -ffast-math, which may assume there are no infinities).
+constexpr float kMasked = -1e30f;
+
 struct Problem {
   const float *q, *k, *v;
-  const int32_t *lo, *hi;
+  const int32_t *lo, *hi, *tree;
   float *out, *lse;
-  int64_t m, s, h;
+  int64_t m, s, h, words;
   float scale, softcap, mask_value;
 };
+
+// Row r's visible slots lie in [a, b) (a >= b: it sees none). `has_tree`: some tree bit is set.
+inline void row_extent(const Problem& p, const int32_t* lo, const int32_t* hi, const int32_t* tree,
+                       int64_t r, int64_t& a, int64_t& b, bool& has_tree) {
+  a = std::clamp<int64_t>(lo[r], 0, p.s);
+  b = std::clamp<int64_t>(hi[r], 0, p.s);
+  if (a >= b) a = p.s, b = 0;
+  has_tree = false;
+  for (int64_t w = 0; w < p.words; ++w) {
+    const uint32_t word = static_cast<uint32_t>(tree[r * p.words + w]);
+    if (word == 0) continue;
+    const int64_t low = std::clamp<int64_t>(hi[r] + 32 * w + __builtin_ctz(word), 0, p.s);
+    const int64_t high = std::clamp<int64_t>(hi[r] + 32 * w + 32 - __builtin_clz(word), 0, p.s);
+    if (low < high) a = std::min(a, low), b = std::max(b, high), has_tree = true;
+  }
+}
+
+inline bool tree_bit(const Problem& p, const int32_t* tree_row, int64_t i) {
+  return i >= 0 && i < 32 * p.words &&
+         ((static_cast<uint32_t>(tree_row[i >> 5]) >> (i & 31)) & 1u) != 0;
+}
 
 // One (batch row, kv head) block: rows [m] of q against keys lo..hi of its [S, H] slice.
 // kHeadDim > 0 fixes the head dim at compile time (the inner loops unroll and the accumulators stay
@@ -63,13 +98,16 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
   const float* v = p.v + block * p.s * p.h;
   const int32_t* lo = p.lo + block * p.m;
   const int32_t* hi = p.hi + block * p.m;
+  const int32_t* tree = p.tree + block * p.m * p.words;
   float* out = p.out + block * p.m * p.h;
   float* lse = p.lse + block * p.m;
   const int64_t h = kHeadDim > 0 ? kHeadDim : p.h;
 
   int64_t first = p.s, last = 0;  // The union of the rows' visible slots.
   for (int64_t r = 0; r < p.m; ++r) {
-    const int64_t a = std::clamp<int64_t>(lo[r], 0, p.s), b = std::clamp<int64_t>(hi[r], 0, p.s);
+    int64_t a, b;
+    bool has_tree;
+    row_extent(p, lo, hi, tree, r, a, b, has_tree);
     if (a < b) {
       first = std::min(first, a);
       last = std::max(last, b);
@@ -94,7 +132,9 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
   }
   // Softmax per row over its own visible range; probabilities overwrite the logits.
   for (int64_t r = 0; r < p.m; ++r) {
-    const int64_t a = std::clamp<int64_t>(lo[r], 0, p.s), b = std::clamp<int64_t>(hi[r], 0, p.s);
+    int64_t a, b;
+    bool has_tree;
+    row_extent(p, lo, hi, tree, r, a, b, has_tree);
     float* row = logits.data() + r * width - first;
     if (a >= b) {
       std::fill(row + first, row + last, 0.0f);
@@ -103,12 +143,21 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
     if (p.softcap > 0.0f) {
       for (int64_t j = a; j < b; ++j) row[j] = p.softcap * std::tanh(row[j] / p.softcap);
     }
+    if (has_tree) {  // Slots in [a, b) outside the row's range and tree bits: masked.
+      const int64_t lo_r = lo[r], hi_r = hi[r];
+      const int32_t* tree_row = tree + r * p.words;
+      for (int64_t j = a; j < b; ++j) {
+        if (!((j >= lo_r && j < hi_r) || tree_bit(p, tree_row, j - hi_r))) row[j] = kMasked;
+      }
+    }
     float mx = row[a];
     for (int64_t j = a + 1; j < b; ++j) mx = std::max(mx, row[j]);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = a; j < b; ++j) {
-      row[j] = exp_nonpositive(row[j] - mx);
+      const float x = row[j];
+      const float e = exp_nonpositive(x - mx);
+      row[j] = x > 0.5f * kMasked ? e : 0.0f;  // Masked slots: exact zeros.
       sum += row[j];
     }
     const float inv = 1.0f / sum;
@@ -133,24 +182,27 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi, float scale,
-                               float softcap, float mask_value,
+                               ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
+                               ffi::Buffer<ffi::S32> tree, float scale, float softcap,
+                               float mask_value,
                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const auto qd = q.dimensions(), kd = k.dimensions();
-  if (qd.size() != 3 || kd.size() != 3 || qd[0] != kd[0] || qd[2] != kd[2]) {
-    return ffi::Error::InvalidArgument("effjax_cpu_decode_attention: q must be [BK, M, H] and "
-                                       "k, v [BK, S, H]");
+  const auto qd = q.dimensions(), kd = k.dimensions(), td = tree.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || qd[0] != kd[0] || qd[2] != kd[2] || td.size() != 3 ||
+      td[0] != qd[0] || td[1] != qd[1]) {
+    return ffi::Error::InvalidArgument("effjax_cpu_decode_attention: q must be [BK, M, H], "
+                                       "k, v [BK, S, H] and tree [BK, M, W]");
   }
-  const Problem problem{q.typed_data(),  k.typed_data(),    v.typed_data(), lo.typed_data(),
-                        hi.typed_data(), out->typed_data(), lse->typed_data(), qd[1],
-                        kd[1],           qd[2],             scale,            softcap,
-                        mask_value};
+  const Problem problem{q.typed_data(),    k.typed_data(),    v.typed_data(), lo.typed_data(),
+                        hi.typed_data(),   tree.typed_data(), out->typed_data(),
+                        lse->typed_data(), qd[1],             kd[1],          qd[2],
+                        td[2],             scale,             softcap,        mask_value};
   auto attend = problem.h == 32    ? attend_block<32>
                 : problem.h == 64  ? attend_block<64>
                 : problem.h == 128 ? attend_block<128>
                                    : attend_block<0>;
-  // Below ~64K cached floats the work is a few microseconds: waking helpers would cost more.
-  const bool use_helpers = qd[0] * kd[1] * kd[2] >= (int64_t{1} << 16);
+  // Below ~128K multiply-adds per pass over the cache (one-token decoding of a small model) the
+  // work is a few microseconds: waking helpers would cost more. Medusa's 66-row blocks need them.
+  const bool use_helpers = qd[0] * kd[1] * kd[2] * std::max<int64_t>(qd[1], 2) >= (int64_t{1} << 17);
   effjax::parallel_for(pool, qd[0], use_helpers, [problem, attend](int64_t block) {
     thread_local std::vector<float> logits;  // Scratch, reused across calls on each thread.
     attend(problem, block, logits);
@@ -166,6 +218,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxCpuDecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
