@@ -35,27 +35,38 @@ def _reference(x, w, transpose_w):
 SHAPES = [(1, 256, 768), (5, 64, 70), (13, 37, 33), (40, 128, 264), (3, 16, 1)]
 
 
-@pytest.mark.parametrize("transpose_w", [False, True], ids=["nn", "nt"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_reference(shape, transpose_w):
+# "nn-stream": the blocked order for weights read from DRAM (K > 64 makes several blocks).
+MODES = {"nn": (False, False), "nn-stream": (False, True), "nt": (True, False)}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("shape", SHAPES + [(9, 200, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(shape, mode):
   m, k, n = shape
+  transpose_w, stream = MODES[mode]
   x, w = _inputs(0, m, k, n, transpose_w)
-  got = np.asarray(few_row_matmul.matmul(jnp.asarray(x), jnp.asarray(w), transpose_w=transpose_w))
+  got = np.asarray(few_row_matmul.matmul(jnp.asarray(x), jnp.asarray(w), transpose_w=transpose_w,
+                                         stream=stream))
   assert got.shape == (m, n)
   # float32 accumulation over K terms of size ~1: error ~ sqrt(K) * 2^-24 * |terms|.
   np.testing.assert_allclose(got, _reference(x, w, transpose_w), atol=2e-6 * k, rtol=0)
 
 
-@pytest.mark.parametrize("transpose_w", [False, True], ids=["nn", "nt"])
-def test_rows_are_bit_identical_whatever_the_other_rows(transpose_w):
-  """A row's result does not depend on how many rows share the call or where it sits."""
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_rows_are_bit_identical_whatever_the_other_rows(mode):
+  """A row's result does not depend on how many rows share the call or where it sits, nor on
+  whether the weights are read in streaming blocks."""
   k, n = 200, 300
+  transpose_w, stream = MODES[mode]
   x, w = _inputs(1, 40, k, n, transpose_w)
-  call = jax.jit(lambda x: few_row_matmul.matmul(x, jnp.asarray(w), transpose_w=transpose_w))
-  whole = np.asarray(call(jnp.asarray(x)))
+  call = lambda stream: jax.jit(lambda x: few_row_matmul.matmul(
+      x, jnp.asarray(w), transpose_w=transpose_w, stream=stream))
+  whole = np.asarray(call(stream)(jnp.asarray(x)))
   for start, size in ((0, 1), (17, 1), (3, 5), (11, 12), (25, 13), (1, 39)):
-    part = np.asarray(call(jnp.asarray(x[start:start + size])))
+    part = np.asarray(call(stream)(jnp.asarray(x[start:start + size])))
     np.testing.assert_array_equal(part, whole[start:start + size], err_msg=f"{start}+{size}")
+    part = np.asarray(call(not stream)(jnp.asarray(x[start:start + size])))
+    np.testing.assert_array_equal(part, whole[start:start + size], err_msg=f"other {start}+{size}")
   # The comparison can fail: the same products summed in another order (two halves of K, then
   # added) differ from the kernel in some bits on these shapes.
   wk = w.T if transpose_w else w
@@ -95,6 +106,20 @@ def _custom_calls(cfg, params, tokens, cache):
   text = jax.jit(lambda p, t, c: lm.LM(cfg).apply(p, t, cache=c).logits).lower(
       params, tokens, cache).as_text()
   return text.count("effjax_few_row_matmul")
+
+
+def test_streaming_hint_follows_the_models_weight_bytes(monkeypatch):
+  """Models larger than the last-level cache ask for the streaming order; small ones do not."""
+  small = registry.get("lm/small")  # ~19 MB of float32 weights
+  large = small.replace(d_model=512, num_layers=10, head_dim=64, mlp_dim=1536)  # ~126 MB
+  assert not small.weights_stream() and large.weights_stream()
+  monkeypatch.setenv("EFFJAX_STREAMING_WEIGHT_BYTES", str(1 << 20))
+  assert small.weights_stream()
+  tiny = registry.get("lm/tiny")
+  params = lm.init_params(tiny, jax.random.PRNGKey(0))
+  text = jax.jit(lambda p, t, c: lm.LM(tiny).apply(p, t, cache=c).logits).lower(
+      params, jnp.zeros((1, 2), jnp.int32), lm.init_cache(tiny, 1, 16)).as_text()
+  assert "stream = false" in text  # lm/tiny (~0.2 MB) stays under even a 1 MB limit.
 
 
 def test_lm_routes_cached_few_token_calls_only():

@@ -76,6 +76,11 @@ class LMConfig(Numerics):
             and tokens_per_row <= few_row_matmul.MAX_TOKENS_PER_ROW
             and few_row_matmul.unsupported_reason(self.compute_dtype, self.weight_dtype) is None)
 
+  def weights_stream(self) -> bool:
+    """Whether decode steps read this model's weights from DRAM (a few-row matmul kernel hint)."""
+    weight_bytes = self.num_params() * jnp.dtype(self.weight_dtype).itemsize
+    return few_row_matmul.streams_from_memory(weight_bytes)
+
   def num_params(self) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
     mlp = 3 * self.d_model * self.mlp_dim
@@ -219,7 +224,7 @@ def _write_cache(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array
 def _project(x, w, cfg: LMConfig, few_rows: bool, equation: str):
   """x [B, T, Din] times w [Din, ...] (`equation` for XLA's einsum) -> [B, T, ...]."""
   if few_rows:  # The kernel wants w as [Din, Dout]; the reshapes are free (row-major).
-    out = few_row_matmul.matmul(x, w.reshape(w.shape[0], -1))
+    out = few_row_matmul.matmul(x, w.reshape(w.shape[0], -1), stream=cfg.weights_stream())
     return out.reshape(*x.shape[:-1], *w.shape[1:])
   return jnp.einsum(equation, x, w.astype(cfg.compute_dtype), precision=cfg.precision)
 

@@ -6,7 +6,9 @@
 // weight panel once for up to kMaxRows rows whose accumulators stay in registers.
 //
 // Operands:   x [M, K];  w [K, N] ("nn", a Dense kernel) or [N, K] ("nt", a tied embedding)
-// Attribute:  transpose_w (bool): w is [N, K]
+// Attributes: transpose_w (bool): w is [N, K]
+//             stream (bool): the weights come from DRAM, not a cache (a model larger than the
+//               last-level cache): read each weight row's panel piece once, wide, then reuse it
 // Result:     out [M, N]
 //
 // Exactness contract (speculative and Medusa decoding compare their outputs with plain greedy
@@ -93,7 +95,15 @@ inline float vsum(Vec v) { return v; }
 // long contiguous reads of each weight row); more rows use narrower ones, up to kMaxRows rows
 // sharing each weight load. Chosen by end-to-end decoding (benchmarks/decode.py), not by
 // single-matmul timings, which on this machine mostly measured which weights stayed in L2.
+//
+// With `stream`, more than kWideRows rows walk the panel in blocks of kKBlock weight rows: the
+// first kWideRows rows take each block in wide reads straight from DRAM, the other rows' narrow
+// tiles then find it in L1 (accumulators go to `out` between blocks and come back exactly). The
+// narrow tiles' 256-byte pieces of weight rows 6 KB apart were the slow part from DRAM: at 8 rows,
+// [8, 512] x [512, 1536] over 189 MB of weights took 343 us against 210 us this way (in-process
+// alternation); with weights in cache the blocking costs 10-25%, hence the flag.
 constexpr int64_t kUnit = kWideVecs * kLanes;  // Columns per work unit (128 with AVX-512).
+constexpr int64_t kKBlock = 64;  // Weight rows per block: 32 KB of a 128-column panel (L1).
 
 struct Problem {
   const float* x;
@@ -104,17 +114,24 @@ struct Problem {
 
 // Rows [r0, r0 + kRows) x columns [c0, c0 + width) of out, width <= kVecs * kLanes.
 // kFull: width == kVecs * kLanes (no masked loads).
+// Over weight rows [k0, k1): k0 == 0 starts from zero, else from the partial sums in out.
 template <int kRows, int kVecs, bool kFull>
-void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width) {
-  Vec acc[kRows][kVecs];
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < kVecs; ++j) acc[r][j] = vzero();
+void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width, int64_t k0, int64_t k1) {
   int lanes[kVecs];  // Columns each vector covers (partial tiles only).
   for (int j = 0; j < kVecs; ++j)
     lanes[j] = static_cast<int>(std::clamp<int64_t>(width - j * kLanes, 0, kLanes));
+  Vec acc[kRows][kVecs];
+  for (int r = 0; r < kRows; ++r) {
+    const float* o = p.out + (r0 + r) * p.n + c0;
+    for (int j = 0; j < kVecs; ++j) {
+      acc[r][j] = k0 == 0 ? vzero()
+                  : kFull ? vload(o + j * kLanes)
+                          : vload_n(o + j * kLanes, lanes[j]);
+    }
+  }
   const float* x = p.x + r0 * p.k;
-  const float* w = p.w + c0;
-  for (int64_t kk = 0; kk < p.k; ++kk, w += p.n) {
+  const float* w = p.w + k0 * p.n + c0;
+  for (int64_t kk = k0; kk < k1; ++kk, w += p.n) {
     Vec wv[kVecs];
     for (int j = 0; j < kVecs; ++j)
       wv[j] = kFull ? vload(w + j * kLanes) : vload_n(w + j * kLanes, lanes[j]);
@@ -133,15 +150,16 @@ void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width) {
 }
 
 template <int kVecs>
-void nn_rows(const Problem& p, int64_t r0, int rows, int64_t c0, int64_t width) {
+void nn_rows(const Problem& p, int64_t r0, int rows, int64_t c0, int64_t width, int64_t k0,
+             int64_t k1) {
   constexpr int64_t kCols = kVecs * kLanes;
   const bool full = width == kCols;
   switch (rows) {
 #define EFFJAX_ROWS(R)                                                        \
   case R:                                                                     \
     if constexpr (R <= kMaxRows) {                                            \
-      return full ? nn_tile<R, kVecs, true>(p, r0, c0, width)                 \
-                  : nn_tile<R, kVecs, false>(p, r0, c0, width);               \
+      return full ? nn_tile<R, kVecs, true>(p, r0, c0, width, k0, k1)         \
+                  : nn_tile<R, kVecs, false>(p, r0, c0, width, k0, k1);       \
     }                                                                         \
     break;
     EFFJAX_ROWS(1) EFFJAX_ROWS(2) EFFJAX_ROWS(3) EFFJAX_ROWS(4) EFFJAX_ROWS(5) EFFJAX_ROWS(6)
@@ -149,20 +167,31 @@ void nn_rows(const Problem& p, int64_t r0, int rows, int64_t c0, int64_t width) 
   }
 }
 
-// One work unit of "nn": kUnit columns, every row.
-void nn_unit(const Problem& p, int64_t unit) {
-  const int64_t c0 = unit * kUnit, width = std::min(kUnit, p.n - c0);
-  for (int64_t r0 = 0; r0 < p.m;) {
+// Rows [r0, m) over weight rows [k0, k1): narrow groups of up to kMaxRows rows, a wide last one.
+void nn_row_groups(const Problem& p, int64_t r0, int64_t c0, int64_t width, int64_t k0,
+                   int64_t k1) {
+  constexpr int64_t kNarrow = kNarrowVecs * kLanes;
+  while (r0 < p.m) {
     const int64_t left = p.m - r0;
     if (left <= kWideRows) {
-      nn_rows<kWideVecs>(p, r0, static_cast<int>(left), c0, width);
-      break;
+      nn_rows<kWideVecs>(p, r0, static_cast<int>(left), c0, width, k0, k1);
+      return;
     }
     const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, left));
-    constexpr int64_t kNarrow = kNarrowVecs * kLanes;
     for (int64_t c = c0; c < c0 + width; c += kNarrow)
-      nn_rows<kNarrowVecs>(p, r0, rows, c, std::min(kNarrow, c0 + width - c));
+      nn_rows<kNarrowVecs>(p, r0, rows, c, std::min(kNarrow, c0 + width - c), k0, k1);
     r0 += rows;
+  }
+}
+
+// One work unit of "nn": kUnit columns, every row.
+void nn_unit(const Problem& p, int64_t unit, bool stream) {
+  const int64_t c0 = unit * kUnit, width = std::min(kUnit, p.n - c0);
+  if (!stream || p.m <= kWideRows) return nn_row_groups(p, 0, c0, width, 0, p.k);
+  for (int64_t k0 = 0; k0 < p.k; k0 += kKBlock) {
+    const int64_t k1 = std::min(p.k, k0 + kKBlock);
+    nn_rows<kWideVecs>(p, 0, kWideRows, c0, width, k0, k1);  // Reads the block from memory.
+    nn_row_groups(p, kWideRows, c0, width, k0, k1);           // Finds it in L1.
   }
 }
 
@@ -222,7 +251,7 @@ void nt_unit(const Problem& p, int64_t unit) {
 }
 
 ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w, bool transpose_w,
+                            ffi::Buffer<ffi::F32> w, bool transpose_w, bool stream,
                             ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[transpose_w ? 1 : 0]) {
@@ -234,10 +263,11 @@ ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t unit = transpose_w ? kDotUnit : kUnit;  // Columns per work unit.
   // Below ~64K multiply-adds the work is a few microseconds: waking helpers would cost more.
   const bool use_helpers = xd[0] * xd[1] * n >= (int64_t{1} << 16);
-  effjax::parallel_for(pool, (n + unit - 1) / unit, use_helpers, [problem, transpose_w](int64_t i) {
-    if (transpose_w) nt_unit(problem, i);
-    else nn_unit(problem, i);
-  });
+  effjax::parallel_for(pool, (n + unit - 1) / unit, use_helpers,
+                       [problem, transpose_w, stream](int64_t i) {
+                         if (transpose_w) nt_unit(problem, i);
+                         else nn_unit(problem, i, stream);
+                       });
   return ffi::Error::Success();
 }
 
@@ -249,4 +279,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxFewRowMatmul, FewRowMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("transpose_w")
+                                  .Attr<bool>("stream")
                                   .Ret<ffi::Buffer<ffi::F32>>());
