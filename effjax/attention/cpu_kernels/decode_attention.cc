@@ -203,11 +203,12 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
     if (p.softcap > 0.0f) {
       for (int64_t j = a; j < b; ++j) row[j] = p.softcap * std::tanh(row[j] / p.softcap);
     }
-    if (has_tree) {  // Slots in [a, b) outside the row's range and tree bits: masked.
+    if (has_tree) {  // Slots in [a, b) outside both [lo, hi) and the tree bits: masked.
       const int64_t lo_r = lo[r], hi_r = hi[r];
       const int32_t* tree_row = tree + r * p.words;
-      for (int64_t j = a; j < b; ++j) {
-        if (!((j >= lo_r && j < hi_r) || tree_bit(p, tree_row, j - hi_r))) row[j] = kMasked;
+      for (int64_t j = a; j < std::min(b, std::min(lo_r, hi_r)); ++j) row[j] = kMasked;
+      for (int64_t j = std::max(a, hi_r); j < b; ++j) {  // Past the range: the tree's slots.
+        if (!tree_bit(p, tree_row, j - hi_r)) row[j] = kMasked;
       }
     }
     float mx = row[a];
