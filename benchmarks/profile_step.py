@@ -14,6 +14,8 @@ count up to twice; use the shares to find suspects and confirm with wall-clock A
     python benchmarks/profile_step.py                                 # lm/small, batch 1, 1 token
     python benchmarks/profile_step.py --model=lm/small --tokens=9     # a gamma-8 verification pass
     python benchmarks/profile_step.py --batch=8 --cache_len=256 --context=192
+    python benchmarks/profile_step.py --model=large --batch=8 --cache_len=320 --context=192
+                                            # benchmarks/decode.py's 126 MB model
 
 The last stdout line is one JSON object.
 """
@@ -54,7 +56,8 @@ def op_shapes(hlo_text: str) -> dict[str, str]:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--model", default="lm/small", help="a registry name (effjax.models.registry)")
+  ap.add_argument("--model", default="lm/small",
+                  help="a registry name (effjax.models.registry), or small/large from decode.py")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--tokens", type=int, default=1, help="new tokens per step (gamma + 1 to verify)")
   ap.add_argument("--context", type=int, default=64, help="filled cache slots before the steps")
@@ -66,7 +69,12 @@ def main(argv=None):
   if args.context + args.steps * args.tokens > args.cache_len:
     ap.error("context + steps * tokens exceeds cache_len; raise --cache_len")
 
-  cfg = registry.get(args.model)
+  if args.model in ("small", "large"):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from decode import MODELS  # noqa: E402  (benchmarks/decode.py's two sizes)
+    cfg = MODELS[args.model]
+  else:
+    cfg = registry.get(args.model)
   params = random_params(cfg, 0)
   cache = init_cache(cfg, args.batch, args.cache_len).with_lengths(
       jnp.full((args.batch,), args.context, jnp.int32))
