@@ -143,6 +143,20 @@ inline bool tree_bit(const Problem& p, const int32_t* tree_row, int64_t i) {
          ((static_cast<uint32_t>(tree_row[i >> 5]) >> (i & 31)) & 1u) != 0;
 }
 
+// acc[0:h] += weights[j] * v[j] for j in [first, last), in slot order, zero weights skipped.
+template <int64_t kHeadDim>
+inline void add_weighted_values(const float* weights, const float* v, int64_t first, int64_t last,
+                                int64_t h, float* acc) {
+  const int64_t dim = kHeadDim > 0 ? kHeadDim : h;
+  for (int64_t j = first; j < last; ++j) {
+    const float w = weights[j];
+    if (w == 0.0f) continue;
+    const float* vj = v + j * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) acc[d] += w * vj[d];
+  }
+}
+
 // One (batch row, kv head) block: rows [m] of q against keys lo..hi of its [S, H] slice.
 // kHeadDim > 0 fixes the head dim at compile time (the inner loops unroll and the accumulators stay
 // in registers); 0 reads it from the problem.
@@ -235,22 +249,10 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
     float* o = out + r * h;
     if constexpr (kHeadDim > 0) {
       float acc[kHeadDim] = {};
-      for (int64_t j = first; j < last; ++j) {
-        const float w = weights[j];
-        if (w == 0.0f) continue;
-        const float* vj = v + j * h;
-#pragma omp simd
-        for (int64_t d = 0; d < kHeadDim; ++d) acc[d] += w * vj[d];
-      }
+      add_weighted_values<kHeadDim>(weights, v, first, last, h, acc);
       std::copy(acc, acc + kHeadDim, o);
     } else {
-      for (int64_t j = first; j < last; ++j) {
-        const float w = weights[j];
-        if (w == 0.0f) continue;
-        const float* vj = v + j * h;
-#pragma omp simd
-        for (int64_t d = 0; d < h; ++d) o[d] += w * vj[d];
-      }
+      add_weighted_values<0>(weights, v, first, last, h, o);  // o starts at zero.
     }
   }
 }
