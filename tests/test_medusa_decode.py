@@ -30,14 +30,17 @@ def heads(lm_params):
   return hc, init_heads(hc, lm_params, CFG)
 
 
-def test_tree_pass_matches_sequential_forward(lm_params):
+# "auto" on CPU: the C++ decode-attention kernel reads the tree as bitmasks; "xla": the dense
+# [B, T, S] expansion of MaskSpec.tree_mask.
+@pytest.mark.parametrize("attention_impl", ["auto", "xla"])
+def test_tree_pass_matches_sequential_forward(lm_params, attention_impl):
   tree = MedusaTree.from_choices([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (2,)])
   rng = np.random.default_rng(0)
   b, p, t = 2, 9, tree.size
   prefix = rng.integers(0, 256, (b, p)).astype(np.int32)
   prefix_len = np.array([9, 5], np.int32)
   tree_tokens = rng.integers(0, 256, (b, t)).astype(np.int32)
-  model = LM(CFG)
+  model = LM(CFG.replace(attention_impl=attention_impl))
   cache = init_cache(CFG, b, 32)
   out = model.apply(lm_params, jnp.asarray(prefix), cache=cache)
   cache = out.cache.with_lengths(jnp.asarray(prefix_len))
