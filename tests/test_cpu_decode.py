@@ -12,8 +12,7 @@ import pytest
 
 from effjax.attention import MASK_VALUE, MaskSpec, dot_product_attention
 from effjax.attention import cpu_decode
-from effjax.models import lm, registry
-from tests.helpers_lm import prefill_rollback_step_logits
+from tests.helpers_lm import assert_kernel_decoding_matches_xla
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None,
                                 reason=f"{cpu_decode.unavailable_reason()}")
@@ -206,13 +205,7 @@ def test_falls_back_to_xla_when_the_kernel_is_disabled(monkeypatch):
 
 def test_lm_cached_decoding_matches_xla():
   """The LM's cached prefill + decode steps through the kernel equal attention_impl="xla"."""
-  base = registry.get("lm/tiny", matmul_precision="highest")
-  params = lm.init_params(base, jax.random.PRNGKey(0))
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
-
-  decode = lambda impl: prefill_rollback_step_logits(base.replace(attention_impl=impl), params,
-                                                      tokens)
-  np.testing.assert_allclose(decode("auto"), decode("xla"), atol=2e-5, rtol=0)
+  assert_kernel_decoding_matches_xla("attention_impl")
 
 
 def test_vmap_over_an_extra_batch_axis():

@@ -12,7 +12,7 @@ import pytest
 
 from effjax.models import lm, registry
 from effjax.ops import few_row_matmul
-from tests.helpers_lm import prefill_rollback_step_logits
+from tests.helpers_lm import assert_kernel_decoding_matches_xla
 
 pytestmark = pytest.mark.skipif(few_row_matmul.unavailable_reason() is not None,
                                 reason=f"{few_row_matmul.unavailable_reason()}")
@@ -142,13 +142,7 @@ def test_lm_routes_cached_few_token_calls_only():
 
 
 def test_lm_cached_decoding_matches_xla():
-  base = registry.get("lm/tiny", matmul_precision="highest")
-  params = lm.init_params(base, jax.random.PRNGKey(0))
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
-
-  decode = lambda impl: prefill_rollback_step_logits(base.replace(matmul_impl=impl), params,
-                                                      tokens)
-  np.testing.assert_allclose(decode("auto"), decode("xla"), atol=2e-5, rtol=0)
+  assert_kernel_decoding_matches_xla("matmul_impl")
 
 
 def test_falls_back_to_xla_when_the_kernel_is_disabled(monkeypatch):

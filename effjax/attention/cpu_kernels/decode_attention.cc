@@ -279,7 +279,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                    : attend_block<0>;
   // Below ~128K multiply-adds per pass over the cache (one-token decoding of a small model) the
   // work is a few microseconds: waking helpers would cost more. Medusa's 66-row blocks need them.
-  const bool use_helpers = qd[0] * kd[1] * kd[2] * std::max<int64_t>(qd[1], 2) >= (int64_t{1} << 17);
+  const int64_t work = qd[0] * kd[1] * kd[2] * std::max<int64_t>(qd[1], 2);
+  const bool use_helpers = work >= (int64_t{1} << 17);
   effjax::parallel_for(pool, qd[0], use_helpers, [problem, attend](int64_t block) {
     thread_local std::vector<float> logits;  // Scratch, reused across calls on each thread.
     attend(problem, block, logits);
