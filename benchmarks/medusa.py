@@ -44,7 +44,7 @@ from effjax.medusa import HeadsConfig, best_tree, decode_metrics  # noqa: E402
 from effjax.medusa import generate as medusa_generate  # noqa: E402
 from effjax.medusa import train as mtrain  # noqa: E402
 from effjax.models import registry  # noqa: E402
-from effjax.models.lm import init_params  # noqa: E402
+from effjax.models.lm import init_params, pack_weights  # noqa: E402
 
 
 def _load(workdir, name):
@@ -116,6 +116,7 @@ def main():
   val = mtrain.crop_batches(streams["validation"], 16, 128, seed=1)
   acc = mtrain.evaluate_heads(params, heads, cfg, hc, [next(val) for _ in range(4)])
   rank_acc = np.asarray(acc["rank_accuracy"])
+  params = pack_weights(params, cfg)  # Decoding only from here: packed once, as a loader would.
 
   prompt_it = mtrain.crop_batches(streams["validation"], 4, prompt_len, seed=2)
   prompts4 = next(prompt_it)
@@ -146,6 +147,7 @@ def main():
       from effjax.speculative.decode import speculative_generate
       from effjax.speculative.metrics import summarize
       dcfg, dparams = _load(args.draft_workdir, "lm/draft")
+      dparams = pack_weights(dparams, dcfg)
       out, t = _timed(lambda p: speculative_generate(params, cfg, dparams, dcfg, p, gamma=4,
                                                      max_new_tokens=max_new), sets, repeats)
       m = summarize(out.metrics, out.lengths)

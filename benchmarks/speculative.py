@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 
 from effjax.generate.engine import generate  # noqa: E402
 from effjax.generate.sampling import SamplingParams  # noqa: E402
+from effjax.models.lm import pack_weights  # noqa: E402
 from effjax.speculative import experiment  # noqa: E402
 from effjax.speculative import metrics as metrics_lib  # noqa: E402
 from effjax.speculative.decode import speculative_generate  # noqa: E402
@@ -157,6 +158,10 @@ def main(argv=None):
     drafts["distilled"] = experiment.load_lm(dict(model="lm/draft",
                                                   checkpoint=args.distilled_workdir))
   prompts, _ = experiment.corpus_prompts(16, 64, seed=0)
+  # The few-row kernel's packed weights, made once as a loader would (the export to transformers
+  # below reads only the params).
+  target = pack_weights(target, t_cfg)
+  drafts = {name: (d_cfg, pack_weights(d, d_cfg)) for name, (d_cfg, d) in drafts.items()}
 
   rows = []
   for name, (d_cfg, d_params) in drafts.items():

@@ -64,6 +64,7 @@ def main(argv):
   from effjax.generate import SamplingParams, stream_text
   from effjax.generate.loading import load_from_workdir
   from effjax.interop import hf_llama
+  from effjax.models.lm import pack_weights
 
   if bool(_HF_DIR.value) == bool(_WORKDIR.value):
     raise app.UsageError("give exactly one of --workdir (effjax checkpoint) or --hf_dir "
@@ -96,6 +97,7 @@ def main(argv):
   if cache_len > cfg.max_len:
     cfg = cfg.replace(max_len=cache_len)  # RoPE extrapolates; the cache just needs the room.
   sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  params = pack_weights(params, cfg)  # Once: the few-row kernel's layout for every step.
   sys.stdout.write(_PROMPT.value)
   sys.stdout.flush()
   start, count = time.perf_counter(), 0

@@ -13,6 +13,7 @@ H head dim, F feed-forward width, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import math
 from typing import Any, Optional
@@ -221,10 +222,65 @@ def _write_cache(buf: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array
   return buf.at[blocks, slots].set(new, mode="drop", unique_indices=True)
 
 
-def _project(x, w, cfg: LMConfig, few_rows: bool, equation: str):
-  """x [B, T, Din] times w [Din, ...] (`equation` for XLA's einsum) -> [B, T, ...]."""
+# The variable collection `pack_weights` adds: the few-row kernel's packed copies of the weights
+# multiplied in `_project`, each as the [Din, Dout] matrix the kernel sees.
+PACKED_WEIGHTS = "packed_weights"
+_PROJECTIONS = ("wq", "wk", "wv", "wo", "gate", "up", "down", "lm_head")
+
+
+def _as_matrix(name: str, w: jax.Array) -> jax.Array:
+  """A projection weight as `_project` multiplies it: [Din, Dout]."""
+  return w.reshape(-1, w.shape[-1]) if name == "wo" else w.reshape(w.shape[0], -1)
+
+
+def pack_weights(variables, config: LMConfig) -> dict:
+  """`variables` plus the few-row kernel's packed copies of the projection weights.
+
+  Cached calls then stream each weight panel front to back (effjax.ops.few_row_matmul.pack), with
+  the same results bit for bit. The decoding loops call it before their loop (XLA would not
+  hoist the copy out of it), which costs a copy of the weights per call (~4 ms for lm/small's 19
+  MB); call it once yourself after loading, outside jit, and pass the result instead of the
+  params: the loops then use your copies (twice the weights' memory, no per-call cost). A no-op
+  when the copies are there already, or where the kernel does not serve this config (other
+  backends, bfloat16, matmul_impl "xla").
+  """
+  variables = variables if isinstance(variables, dict) and "params" in variables else {
+      "params": variables}
+  if PACKED_WEIGHTS in variables or not config.uses_few_row_matmul(True, 1):
+    return variables
+
+  def packed(tree):
+    out = {}
+    for name, value in tree.items():
+      if isinstance(value, Mapping):
+        out[name] = packed(value)
+      elif name in _PROJECTIONS:
+        out[name] = few_row_matmul.pack(_as_matrix(name, value))
+    return out
+  # The barrier keeps XLA from sinking the copies back into the caller's loop (its fusible-op
+  # sinking otherwise re-packs every weight on every iteration).
+  return {**variables,
+          PACKED_WEIGHTS: jax.lax.optimization_barrier(packed(nn.unbox(variables["params"])))}
+
+
+def _packed(module: nn.Module, name: str) -> Optional[jax.Array]:
+  """`pack_weights`' copy of the module's weight `name`, when the caller packed them."""
+  if module.has_variable(PACKED_WEIGHTS, name):
+    return module.get_variable(PACKED_WEIGHTS, name)
+  return None
+
+
+def _project(x, w, cfg: LMConfig, few_rows: bool, equation: str,
+             packed: Optional[jax.Array] = None):
+  """x [B, T, Din] times w [Din, ...] (`equation` for XLA's einsum) -> [B, T, ...].
+
+  `packed`: `pack_weights`' copy of w, which the kernel reads instead (in blocks from L1).
+  """
   if few_rows:  # The kernel wants w as [Din, Dout]; the reshapes are free (row-major).
-    out = few_row_matmul.matmul(x, w.reshape(w.shape[0], -1), stream=cfg.weights_stream())
+    if packed is not None:
+      out = few_row_matmul.matmul(x, packed, packed=True, stream=True)
+    else:
+      out = few_row_matmul.matmul(x, w.reshape(w.shape[0], -1), stream=cfg.weights_stream())
     return out.reshape(*x.shape[:-1], *w.shape[1:])
   return jnp.einsum(equation, x, w.astype(cfg.compute_dtype), precision=cfg.precision)
 
@@ -243,9 +299,9 @@ class Attention(nn.Module):
     wk = _dense_param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
     wv = _dense_param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
     wo = _dense_param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, n * h)
-    q = _project(x, wq, cfg, self.few_rows, "btd,dnh->btnh")  # [B, T, N, H]
-    key = _project(x, wk, cfg, self.few_rows, "btd,dkh->btkh")  # [B, T, K, H]
-    val = _project(x, wv, cfg, self.few_rows, "btd,dkh->btkh")  # [B, T, K, H]
+    q = _project(x, wq, cfg, self.few_rows, "btd,dnh->btnh", _packed(self, "wq"))  # [B, T, N, H]
+    key = _project(x, wk, cfg, self.few_rows, "btd,dkh->btkh", _packed(self, "wk"))  # [B,T,K,H]
+    val = _project(x, wv, cfg, self.few_rows, "btd,dkh->btkh", _packed(self, "wv"))  # [B,T,K,H]
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
     inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(q, positions, inv_freq)
@@ -273,7 +329,7 @@ class Attention(nn.Module):
     # As one [B, T, N*H] x [N*H, D] matmul: written as "btnh,nhd->btd", XLA:CPU transposed wo into
     # [H, N, D] on every call (15% of lm/small's decode step; tests/test_decode_step_hlo.py).
     out = _project(out.reshape(out.shape[0], t, n * h), wo.reshape(n * h, d), cfg,
-                   self.few_rows, "btf,fd->btd")  # [B, T, D]
+                   self.few_rows, "btf,fd->btd", _packed(self, "wo"))  # [B, T, D]
     if layer_k is None:
       return out, None, None
     return out, all_k, all_v
@@ -290,10 +346,11 @@ class MLP(nn.Module):
     gate = _dense_param(self, "gate", (d, f), ("embed", "mlp"), cfg.weight_dtype, d)
     up = _dense_param(self, "up", (d, f), ("embed", "mlp"), cfg.weight_dtype, d)
     down = _dense_param(self, "down", (f, d), ("mlp", "embed"), cfg.weight_dtype, f)
-    hidden = nn.silu(_project(x, gate, cfg, self.few_rows, "btd,df->btf")) * _project(
-        x, up, cfg, self.few_rows, "btd,df->btf")  # [B, T, F]
+    few_rows = self.few_rows
+    hidden = nn.silu(_project(x, gate, cfg, few_rows, "btd,df->btf", _packed(self, "gate"))) * (
+        _project(x, up, cfg, few_rows, "btd,df->btf", _packed(self, "up")))  # [B, T, F]
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
-    return _project(hidden, down, cfg, self.few_rows, "btf,fd->btd")  # [B, T, D]
+    return _project(hidden, down, cfg, few_rows, "btf,fd->btd", _packed(self, "down"))  # [B,T,D]
 
 
 class Block(nn.Module):
@@ -369,7 +426,7 @@ class LM(nn.Module):
     else:
       head = _dense_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                           cfg.weight_dtype, cfg.d_model)
-      logits = _project(hidden, head, cfg, few_rows, "btd,dv->btv")
+      logits = _project(hidden, head, cfg, few_rows, "btd,dv->btv", _packed(self, "lm_head"))
     logits = nn.with_logical_constraint(logits.astype(jnp.float32),
                                         ("batch", "length", "act_vocab"))  # [B, T, V]
     new_cache = None

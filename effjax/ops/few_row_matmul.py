@@ -8,6 +8,12 @@ a weight panel once, split over XLA's intra-op threads. For models whose weights
 every step (`streams_from_memory`), rows past the first three reuse each block of weight rows from
 L1 instead of reading it again in narrow pieces.
 
+Packed weights (`pack`): the same elements reordered into 128-column panels, each a contiguous
+[K, 128] block, so a tile streams its panel front to back. The LM's decoding loops pack their
+projection weights once per call, before the loop (`effjax.models.lm.pack_weights`): 9-13% off
+a one-token step and 22-27% off a 9-17-token pass of lm/small (RESULTS.md), same results bit for
+bit.
+
 Exactness: each output element is computed by the same sequence of float operations whatever the
 number of rows or the row's place among them (the kernel's contract; `tests/test_few_row_matmul.py`
 checks it bit for bit). Speculative and Medusa decoding rely on that: their verification passes
@@ -71,42 +77,72 @@ def streams_from_memory(weight_bytes: int) -> bool:
   return weight_bytes > limit
 
 
-def _call(x2, w2, transpose_w: bool, stream: bool):
+PANEL = 128  # Columns per panel of packed weights (the kernel's kPanel).
+
+
+def pack(w: jax.Array) -> jax.Array:
+  """w [K, N] -> the same elements panel by panel, shaped [K, N] (a layout, not a matrix).
+
+  Panel j holds columns [128 j, 128 j + 128) (the last one the N % 128 left over) as a row-major
+  [K, width] block; the blocks follow each other. `unpack` inverts it.
+  """
+  k, n = w.shape
+  full = n // PANEL * PANEL
+  panels = w[:, :full].reshape(k, n // PANEL, PANEL).transpose(1, 0, 2)  # [N / 128, K, 128]
+  return jnp.concatenate([panels.reshape(-1), w[:, full:].reshape(-1)]).reshape(k, n)
+
+
+def unpack(packed: jax.Array) -> jax.Array:
+  """The [K, N] matrix whose `pack` is `packed`."""
+  k, n = packed.shape
+  full = n // PANEL * PANEL
+  flat = packed.reshape(-1)
+  panels = flat[:k * full].reshape(n // PANEL, k, PANEL).transpose(1, 0, 2).reshape(k, full)
+  return jnp.concatenate([panels, flat[k * full:].reshape(k, n - full)], axis=1)
+
+
+def _call(x2, w2, transpose_w: bool, stream: bool, packed: bool):
   n = w2.shape[0] if transpose_w else w2.shape[1]
   return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
-                          vmap_method="sequential")(x2, w2, transpose_w=transpose_w, stream=stream)
+                          vmap_method="sequential")(x2, w2, transpose_w=transpose_w, stream=stream,
+                                                    packed=packed)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x2, w2, transpose_w, stream):
-  return _call(x2, w2, transpose_w, stream)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _matmul(x2, w2, transpose_w, stream, packed):
+  return _call(x2, w2, transpose_w, stream, packed)
 
 
-def _matmul_fwd(x2, w2, transpose_w, stream):
-  return _call(x2, w2, transpose_w, stream), (x2, w2)
+def _matmul_fwd(x2, w2, transpose_w, stream, packed):
+  return _call(x2, w2, transpose_w, stream, packed), (x2, w2)
 
 
-def _matmul_bwd(transpose_w, stream, residuals, g):
+def _matmul_bwd(transpose_w, stream, packed, residuals, g):
   x2, w2 = residuals
   hi = jax.lax.Precision.HIGHEST
   if transpose_w:  # out = x @ w.T
     return jnp.matmul(g, w2, precision=hi), jnp.matmul(g.T, x2, precision=hi)
-  return jnp.matmul(g, w2.T, precision=hi), jnp.matmul(x2.T, g, precision=hi)
+  w = unpack(w2) if packed else w2
+  grad_w = jnp.matmul(x2.T, g, precision=hi)
+  return jnp.matmul(g, w.T, precision=hi), pack(grad_w) if packed else grad_w
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False,
-           stream: bool = False) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, stream: bool = False,
+           packed: bool = False) -> jax.Array:
   """x [..., K] @ w [K, N] (or w [N, K] with transpose_w) -> [..., N], float32, on CPU.
 
-  `stream`: the weights come from DRAM (`streams_from_memory`); a speed hint, same results.
+  `stream`: read weights in blocks reused from L1 (`streams_from_memory`, or packed weights); a
+  speed hint, same results. `packed`: w is `pack(W)` for the [K, N] matrix W meant.
 
   Call only when `unsupported_reason(x.dtype, w.dtype)` is None.
   """
   k = x.shape[-1]
   if w.ndim != 2 or w.shape[1 if transpose_w else 0] != k:
     raise ValueError(f"x [..., {k}] does not fit w {w.shape} (transpose_w={transpose_w})")
-  out = _matmul(x.reshape(-1, k), w, transpose_w, bool(stream))  # [M, N]
+  if packed and transpose_w:
+    raise ValueError("packed weights are [K, N] panels (pack); transpose_w must be False")
+  out = _matmul(x.reshape(-1, k), w, transpose_w, bool(stream), bool(packed))  # [M, N]
   return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -30,7 +30,7 @@ from effjax.data.tokenizer import ByteTokenizer
 from effjax.generate.engine import generate
 from effjax.generate.sampling import SamplingParams
 from effjax.models import registry
-from effjax.models.lm import LMConfig, init_params
+from effjax.models.lm import LMConfig, init_params, pack_weights
 from effjax.speculative import metrics as metrics_lib
 from effjax.speculative import view
 from effjax.speculative.decode import check_pair, speculative_generate
@@ -126,6 +126,9 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   t_cfg, target = load_lm(config.target, "config.target")
   drafts = {name: load_lm(spec, f"config.drafts.{name}") for name, spec in config.drafts.items()}
+  # Decoding only from here: the few-row kernel's packed weights, made once.
+  target = pack_weights(target, t_cfg)
+  drafts = {name: (d_cfg, pack_weights(d, d_cfg)) for name, (d_cfg, d) in drafts.items()}
   tok = ByteTokenizer()
   for name, (d_cfg, _) in drafts.items():
     check_pair(t_cfg, d_cfg, max(config.gammas), target_tokenizer=tok, draft_tokenizer=tok)

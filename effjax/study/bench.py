@@ -22,7 +22,7 @@ from effjax.data.tokenizer import ByteTokenizer
 from effjax.generate import engine
 from effjax.generate.sampling import SamplingParams
 from effjax.models import registry
-from effjax.models.lm import LMConfig, init_params
+from effjax.models.lm import LMConfig, init_params, pack_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,10 @@ def validation_prompts(num: int, length: int, val_fraction: float = 0.05) -> np.
 
 
 def load_lm(workdir: str, cfg: LMConfig):
+  """Trained variables, with the few-row kernel's packed weights (this step only decodes)."""
   from effjax.train.checkpoint import load_params
   abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-  return load_params(workdir, abstract)
+  return pack_weights(load_params(workdir, abstract), cfg)
 
 
 def _lm_config(train_cfg) -> LMConfig:

@@ -1,0 +1,122 @@
+"""Packed weights for the few-row matmul (`few_row_matmul.pack`, `lm.pack_weights`).
+
+The layout itself, the kernel's results on it (bit for bit those of the row-major weights, which
+is what lets decoding loops use either), gradients, and the LM and its decoding loops with packed
+copies.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.generate.engine import generate
+from effjax.models import lm, registry
+from effjax.ops import few_row_matmul
+from effjax.speculative.decode import speculative_generate
+from tests.helpers_lm import prefill_rollback_step_logits
+
+pytestmark = pytest.mark.skipif(few_row_matmul.unavailable_reason() is not None,
+                                reason=f"{few_row_matmul.unavailable_reason()}")
+
+# (K, N): several full panels plus a narrow one, exactly one panel, N < one panel, one column.
+SHAPES = [(256, 264), (64, 70), (37, 128), (16, 1), (128, 384), (200, 300)]
+
+
+@pytest.mark.parametrize("k,n", SHAPES, ids=lambda v: str(v))
+def test_pack_lays_out_panels_one_after_another(k, n):
+  w = np.arange(k * n, dtype=np.float32).reshape(k, n)
+  packed = np.asarray(few_row_matmul.pack(jnp.asarray(w)))
+  assert packed.shape == (k, n)
+  flat, offset = packed.reshape(-1), 0
+  for c0 in range(0, n, few_row_matmul.PANEL):
+    width = min(few_row_matmul.PANEL, n - c0)
+    np.testing.assert_array_equal(flat[offset:offset + k * width].reshape(k, width),
+                                  w[:, c0:c0 + width], err_msg=f"panel at column {c0}")
+    offset += k * width
+  np.testing.assert_array_equal(np.asarray(few_row_matmul.unpack(jnp.asarray(packed))), w)
+
+
+@pytest.mark.parametrize("k,n", SHAPES, ids=lambda v: str(v))
+def test_packed_matmul_is_bit_identical_to_row_major(k, n):
+  rng = np.random.default_rng(k * n)
+  x = jnp.asarray(rng.standard_normal((40, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+  packed = few_row_matmul.pack(w)
+  for m in (1, 3, 9, 17, 40):
+    want = np.asarray(few_row_matmul.matmul(x[:m], w))
+    for stream in (False, True):
+      got = np.asarray(few_row_matmul.matmul(x[:m], packed, packed=True, stream=stream))
+      np.testing.assert_array_equal(got, want, err_msg=f"{m} rows, stream={stream}")
+  if n > few_row_matmul.PANEL:  # The check can fail: the packed array read as row-major differs.
+    assert not np.array_equal(np.asarray(few_row_matmul.matmul(x, packed)),
+                              np.asarray(few_row_matmul.matmul(x, w)))
+
+
+def test_packed_gradients_are_the_row_major_ones_packed():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((6, 48)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((48, 200)), jnp.float32)
+  loss = lambda x, w, packed: jnp.sum(jnp.sin(few_row_matmul.matmul(x, w, packed=packed)))
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x, w, False)
+  px, pw = jax.grad(loss, argnums=(0, 1))(x, few_row_matmul.pack(w), True)
+  np.testing.assert_array_equal(px, gx)
+  np.testing.assert_array_equal(pw, few_row_matmul.pack(gw))
+
+
+def test_packed_weights_must_be_k_by_n():
+  x, w = jnp.ones((2, 8)), jnp.ones((5, 8))
+  with pytest.raises(ValueError, match="transpose_w must be False"):
+    few_row_matmul.matmul(x, w, transpose_w=True, packed=True)
+
+
+def _untied_tiny():
+  # An untied head (264 columns: two panels and a narrow one) and an MLP of 1.5 panels.
+  return registry.get("lm/tiny", tie_embeddings=False, mlp_dim=200, matmul_precision="highest")
+
+
+def test_pack_weights_covers_every_projection_once():
+  cfg = _untied_tiny()
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  packed = lm.pack_weights(params, cfg)
+  assert set(packed) == {"params", lm.PACKED_WEIGHTS}
+  copies = jax.tree_util.tree_leaves_with_path(packed[lm.PACKED_WEIGHTS])
+  assert len(copies) == 7 * cfg.num_layers + 1  # q, k, v, o, gate, up, down; the head.
+  for path, copy in copies:
+    name = path[-1].key
+    want = params["params"]
+    for key in path:
+      want = want[key.key]
+    want = want.reshape(-1, want.shape[-1]) if name == "wo" else want.reshape(want.shape[0], -1)
+    np.testing.assert_array_equal(few_row_matmul.unpack(copy), want, err_msg=name)
+  assert lm.pack_weights(packed, cfg) is packed  # Packed already: nothing to do.
+  assert lm.PACKED_WEIGHTS not in lm.pack_weights(params, cfg.replace(matmul_impl="xla"))
+
+
+def test_lm_reads_the_packed_copies_and_gets_the_same_logits():
+  cfg = _untied_tiny()
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  packed = lm.pack_weights(params, cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
+  np.testing.assert_array_equal(prefill_rollback_step_logits(cfg, packed, tokens),
+                                prefill_rollback_step_logits(cfg, params, tokens))
+  step = lambda v: jax.jit(lambda v, t, c: lm.LM(cfg).apply(v, t, cache=c).logits).lower(
+      v, tokens[:, :3], lm.init_cache(cfg, 2, 32)).as_text()
+  assert step(packed).count("packed = true") == 7 * cfg.num_layers + 1
+  assert "packed = true" not in step(params)
+
+
+def test_decoding_loops_take_packed_variables():
+  """Plain and speculative greedy decoding give the same tokens with packed variables."""
+  t_cfg = registry.get("lm/tiny", matmul_precision="highest")
+  d_cfg = t_cfg.replace(num_layers=1)
+  target = lm.init_params(t_cfg, jax.random.PRNGKey(0))
+  draft = lm.init_params(d_cfg, jax.random.PRNGKey(1))
+  prompts = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, 256))
+  want = np.asarray(generate(target, t_cfg, prompts, max_new_tokens=16).tokens)
+  packed_target = lm.pack_weights(target, t_cfg)
+  got = generate(packed_target, t_cfg, prompts, max_new_tokens=16).tokens
+  np.testing.assert_array_equal(got, want)
+  spec = speculative_generate(packed_target, t_cfg, lm.pack_weights(draft, d_cfg), d_cfg, prompts,
+                              gamma=3, max_new_tokens=16)
+  np.testing.assert_array_equal(spec.tokens, want)
