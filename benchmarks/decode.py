@@ -10,8 +10,10 @@ this machine's roofline. Also timed in the same alternation: effjax with `attent
 (`kernel_speedup` = its time / the default's), the gain of the C++ decode-attention kernel
 (`effjax/attention/cpu_decode.py`) that `attention_impl="auto"` uses on CPU; and one layer's decode
 attention alone, kernel against XLA, with the cache half-way through the generation
-(`decode_attention_per_layer`); and effjax with `matmul_impl="xla"` (`matmul_kernel_speedup`), the
-gain of the C++ few-row matmul (`effjax/ops/few_row_matmul.py`) its decode steps use on CPU.
+(`decode_attention_per_layer`); effjax with `matmul_impl="xla"` (`matmul_kernel_speedup`), the
+gain of the C++ few-row matmul (`effjax/ops/few_row_matmul.py`) its decode steps use on CPU; and
+effjax without the packed weight copies (`lm.pack_weights`, made once before timing as a loader
+would) the kernel reads by default here (`packing_speedup`; its tokens must be identical).
 
 Roofline: measured in the same run, at its start and its end, best figure kept (a ceiling; other jobs
 only slow a run). Memory bandwidth = bytes / time of a jitted `jnp.sum` over a 512 MB float32 array
@@ -117,13 +119,14 @@ def roofline_seconds(cfg: LMConfig, batch: int, prompt: int, new: int, machine: 
   return total
 
 
-def effjax_runner(params, cfg, prompts, new):
+def effjax_runner(params, cfg, prompts, new, pack=True):
   """Compiles and warms effjax's generation; returns (timed call, tokens, compile seconds).
 
-  The weights are packed for the few-row kernel once here, as a loader would (`pack_weights`;
+  `pack`: pack the weights for the few-row kernel once here, as a loader would (`pack_weights`;
   a no-op for the XLA-matmul baseline).
   """
-  params = pack_weights(params, cfg)
+  if pack:
+    params = pack_weights(params, cfg)
   def run():
     out = engine.generate(params, cfg, prompts, max_new_tokens=new)
     out.tokens.block_until_ready()
@@ -184,6 +187,8 @@ def main():
   ap.add_argument("--no_xla_matmul", action="store_true",
                   help="skip the baseline run of effjax with matmul_impl='xla' (weight matmuls "
                   "in XLA instead of the C++ few-row kernel)")
+  ap.add_argument("--no_unpacked", action="store_true",
+                  help="skip the baseline run of effjax on row-major weights (no pack_weights)")
   args = ap.parse_args()
   new = args.new_tokens or (32 if args.quick else 128)
   repeats = args.repeats or (1 if args.quick else 5)
@@ -216,6 +221,9 @@ def main():
       if not args.no_xla_matmul:  # The same engine, weight matmuls in XLA.
         runs["effjax_xla_matmul"], tok_xla_mm, _ = effjax_runner(
             params, cfg.replace(matmul_impl="xla"), prompts, new)
+      if not args.no_unpacked:  # The same engine, the kernel on row-major weights.
+        runs["effjax_unpacked"], tok_unpacked, _ = effjax_runner(
+            params, cfg, prompts, new, pack=False)
       if hf_model is not None:
         runs["hf"], tok_hf = hf_runner(hf_model, prompts, new)
       medians = interleaved_medians(runs, repeats, warmup=False)  # runners come warmed up
@@ -234,6 +242,10 @@ def main():
                     "matmul_kernel_speedup": medians["effjax_xla_matmul"] / t_eff,
                     "xla_matmul_tokens_identical_fraction": float(
                         (tok_eff == tok_xla_mm).mean())})
+      if "effjax_unpacked" in medians:
+        row.update({"effjax_unpacked_tok_s": batch * new / medians["effjax_unpacked"],
+                    "packing_speedup": medians["effjax_unpacked"] / t_eff,
+                    "unpacked_tokens_identical": bool((tok_eff == tok_unpacked).all())})
       if hf_model is not None:
         t_hf = medians["hf"]
         agree = (tok_eff == tok_hf)

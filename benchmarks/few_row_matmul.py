@@ -4,11 +4,13 @@ Two views, each timed in alternation (medians):
 
 1. One matmul, [M, 256] x [256, 768] float32, cycling through 43 weight matrices (the number of
    weight matrices in one lm/small step, so they come from the last-level cache as in decoding, not
-   from L2) with each result feeding the next call: the kernel, XLA's dot, and torch.matmul
-   (2 threads), for M = 1, 2, 5, 9, 17, 33, 65.
+   from L2) with each result feeding the next call: the kernel on row-major and on packed weights
+   (`few_row_matmul.pack`, packed once before timing), XLA's dot, and torch.matmul (2 threads), for
+   M = 1, 2, 5, 9, 17, 33, 65.
 2. One cached lm/small decode step with T new tokens per row (1 = decoding; 2-9 = speculative
-   verification; 17-65 = Medusa trees) at batch 1 and 4, `matmul_impl="auto"` (the kernel) against
-   `"xla"`, and T tokens' cost in one-token steps: what the speculative speedup formula assumes is 1.
+   verification; 17-65 = Medusa trees) at batch 1 and 4, `matmul_impl="auto"` (the kernel, with
+   the weights packed by `lm.pack_weights` and without) against `"xla"`, and T tokens' cost in
+   one-token steps: what the speculative speedup formula assumes is 1.
 
   python benchmarks/few_row_matmul.py           # ~3 min
   python benchmarks/few_row_matmul.py --quick   # ~40 s
@@ -56,6 +58,8 @@ def matmul_rows(rows, repeats):
     return jax.jit(run)
 
   kernel = chain(few_row_matmul.matmul)
+  packed = chain(lambda x, w: few_row_matmul.matmul(x, w, packed=True, stream=True))
+  jw_packed = [few_row_matmul.pack(w) for w in jw]
   xla = chain(lambda x, w: jnp.matmul(x, w, precision="highest"))
   out = []
   for m in rows:
@@ -69,11 +73,13 @@ def matmul_rows(rows, repeats):
           y = torch.matmul(y, w)[:, :256]
       return y
     fns = {"kernel": lambda: kernel(jx, jw).block_until_ready(),
+           "kernel_packed": lambda: packed(jx, jw_packed).block_until_ready(),
            "xla": lambda: xla(jx, jw).block_until_ready(), "torch": torch_run}
     med = interleaved_medians(fns, repeats)
     row = {"rows": m, **{f"{k}_us": round(v / NUM_WEIGHTS * 1e6, 1) for k, v in med.items()},
            "xla_over_kernel": round(med["xla"] / med["kernel"], 2),
-           "torch_over_kernel": round(med["torch"] / med["kernel"], 2)}
+           "kernel_over_packed": round(med["kernel"] / med["kernel_packed"], 2),
+           "torch_over_packed": round(med["torch"] / med["kernel_packed"], 2)}
     log(json.dumps(row))
     out.append(row)
   return out
@@ -82,20 +88,27 @@ def matmul_rows(rows, repeats):
 def step_costs(tokens, batches, iters):
   cfg = registry.get("lm/small")
   params = lm.random_params(cfg, 0)
+  # Once, as a loader would (forced: pack_weights skips cache-resident models by default).
+  packed = jax.block_until_ready(lm.pack_weights(params, cfg, force=True))
+  runs = {"packed": (packed, cfg), "auto": (params, cfg),
+          "xla": (params, cfg.replace(matmul_impl="xla"))}
   out = []
   for batch in batches:
     base = {}
     for t in tokens:
       times = {}
-      for impl in ("auto", "xla"):  # Alternating per T; step_time takes medians itself.
-        times[impl] = metrics.step_time(params, cfg.replace(matmul_impl=impl), batch=batch,
-                                        context=64, cache_len=64 + 8 * max(tokens) + 8,
-                                        iters=iters, tokens_per_step=t, steps=8)
+      for name, (variables, config) in runs.items():  # Alternating per T (medians inside).
+        times[name] = metrics.step_time(variables, config, batch=batch, context=64,
+                                        cache_len=64 + 8 * max(tokens) + 8, iters=iters,
+                                        tokens_per_step=t, steps=8)
       if t == 1:
         base = dict(times)
       row = {"batch": batch, "tokens_per_row": t,
+             "packed_ms": round(times["packed"] * 1e3, 3),
              "kernel_ms": round(times["auto"] * 1e3, 3), "xla_ms": round(times["xla"] * 1e3, 3),
              "xla_over_kernel": round(times["xla"] / times["auto"], 2),
+             "kernel_over_packed": round(times["auto"] / times["packed"], 2),
+             "packed_in_one_token_steps": round(times["packed"] / base["packed"], 2),
              "kernel_in_one_token_steps": round(times["auto"] / base["auto"], 2),
              "xla_in_one_token_steps": round(times["xla"] / base["xla"], 2)}
       log(json.dumps(row))

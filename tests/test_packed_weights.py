@@ -78,7 +78,7 @@ def _untied_tiny():
 def test_pack_weights_covers_every_projection_once():
   cfg = _untied_tiny()
   params = lm.init_params(cfg, jax.random.PRNGKey(0))
-  packed = lm.pack_weights(params, cfg)
+  packed = lm.pack_weights(params, cfg, force=True)
   assert set(packed) == {"params", lm.PACKED_WEIGHTS}
   copies = jax.tree_util.tree_leaves_with_path(packed[lm.PACKED_WEIGHTS])
   assert len(copies) == 7 * cfg.num_layers + 1  # q, k, v, o, gate, up, down; the head.
@@ -90,13 +90,25 @@ def test_pack_weights_covers_every_projection_once():
     want = want.reshape(-1, want.shape[-1]) if name == "wo" else want.reshape(want.shape[0], -1)
     np.testing.assert_array_equal(few_row_matmul.unpack(copy), want, err_msg=name)
   assert lm.pack_weights(packed, cfg) is packed  # Packed already: nothing to do.
-  assert lm.PACKED_WEIGHTS not in lm.pack_weights(params, cfg.replace(matmul_impl="xla"))
+  xla = cfg.replace(matmul_impl="xla")  # The kernel is not used: nothing to pack for.
+  assert lm.PACKED_WEIGHTS not in lm.pack_weights(params, xla, force=True)
+
+
+def test_pack_weights_leaves_cache_resident_models_alone():
+  cfg = registry.get("lm/small")  # 19 MB: the last-level cache holds it.
+  assert not cfg.weights_stream()
+  params = lm.random_params(cfg, 0)
+  assert lm.PACKED_WEIGHTS not in lm.pack_weights(params, cfg)
+  large = cfg.replace(d_model=512, num_layers=10, head_dim=64, mlp_dim=1536)  # 126 MB: streams.
+  shapes = jax.eval_shape(lambda: lm.init_params(large, jax.random.PRNGKey(0)))
+  packed = jax.eval_shape(lambda p: lm.pack_weights(p, large), shapes)
+  assert lm.PACKED_WEIGHTS in packed
 
 
 def test_lm_reads_the_packed_copies_and_gets_the_same_logits():
   cfg = _untied_tiny()
   params = lm.init_params(cfg, jax.random.PRNGKey(0))
-  packed = lm.pack_weights(params, cfg)
+  packed = lm.pack_weights(params, cfg, force=True)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
   np.testing.assert_array_equal(prefill_rollback_step_logits(cfg, packed, tokens),
                                 prefill_rollback_step_logits(cfg, params, tokens))
@@ -114,9 +126,10 @@ def test_decoding_loops_take_packed_variables():
   draft = lm.init_params(d_cfg, jax.random.PRNGKey(1))
   prompts = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, 256))
   want = np.asarray(generate(target, t_cfg, prompts, max_new_tokens=16).tokens)
-  packed_target = lm.pack_weights(target, t_cfg)
+  packed_target = lm.pack_weights(target, t_cfg, force=True)
   got = generate(packed_target, t_cfg, prompts, max_new_tokens=16).tokens
   np.testing.assert_array_equal(got, want)
-  spec = speculative_generate(packed_target, t_cfg, lm.pack_weights(draft, d_cfg), d_cfg, prompts,
-                              gamma=3, max_new_tokens=16)
+  packed_draft = lm.pack_weights(draft, d_cfg, force=True)
+  spec = speculative_generate(packed_target, t_cfg, packed_draft, d_cfg, prompts, gamma=3,
+                              max_new_tokens=16)
   np.testing.assert_array_equal(spec.tokens, want)

@@ -233,20 +233,23 @@ def _as_matrix(name: str, w: jax.Array) -> jax.Array:
   return w.reshape(-1, w.shape[-1]) if name == "wo" else w.reshape(w.shape[0], -1)
 
 
-def pack_weights(variables, config: LMConfig) -> dict:
+def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
   """`variables` plus the few-row kernel's packed copies of the projection weights.
 
-  Cached calls then stream each weight panel front to back (effjax.ops.few_row_matmul.pack), with
-  the same results bit for bit. The decoding loops call it before their loop (XLA would not
-  hoist the copy out of it), which costs a copy of the weights per call (~4 ms for lm/small's 19
-  MB); call it once yourself after loading, outside jit, and pass the result instead of the
-  params: the loops then use your copies (twice the weights' memory, no per-call cost). A no-op
-  when the copies are there already, or where the kernel does not serve this config (other
-  backends, bfloat16, matmul_impl "xla").
+  Call it once after loading, outside jit, and decode with the result: cached calls then read
+  each weight panel front to back (effjax.ops.few_row_matmul.pack), with the same results bit for
+  bit, at the price of a second copy of the weights in memory. Measured end to end
+  (benchmarks/decode.py, RESULTS.md) it pays for models whose weights stream from DRAM every step
+  (`LMConfig.weights_stream`: 5-16% faster generation for the 126 MB `large` model) and not
+  measurably for ones the last-level cache holds, so for those it is a no-op unless `force` - as
+  it is when the copies are there already, or where the kernel does not serve this config (other
+  backends, bfloat16, matmul_impl "xla"). Inside a jitted loop's body it would re-pack every
+  step: XLA neither hoists the copy out nor keeps it out without the barrier below.
   """
   variables = variables if isinstance(variables, dict) and "params" in variables else {
       "params": variables}
-  if PACKED_WEIGHTS in variables or not config.uses_few_row_matmul(True, 1):
+  if (PACKED_WEIGHTS in variables or not config.uses_few_row_matmul(True, 1)
+      or not (force or config.weights_stream())):
     return variables
 
   def packed(tree):

@@ -9,10 +9,10 @@ every step (`streams_from_memory`), rows past the first three reuse each block o
 L1 instead of reading it again in narrow pieces.
 
 Packed weights (`pack`): the same elements reordered into 128-column panels, each a contiguous
-[K, 128] block, so a tile streams its panel front to back. The LM's decoding loops pack their
-projection weights once per call, before the loop (`effjax.models.lm.pack_weights`): 9-13% off
-a one-token step and 22-27% off a 9-17-token pass of lm/small (RESULTS.md), same results bit for
-bit.
+[K, 128] block, so a tile streams its panel front to back; same results bit for bit. Whole
+generations with the 126 MB `large` model of benchmarks/decode.py run 5-16% faster on them, the
+19 MB lm/small (cache-resident) no faster measurably (RESULTS.md), so `effjax.models.lm.
+pack_weights`, which loaders call once, packs only models whose weights stream from DRAM.
 
 Exactness: each output element is computed by the same sequence of float operations whatever the
 number of rows or the row's place among them (the kernel's contract; `tests/test_few_row_matmul.py`

@@ -13,8 +13,8 @@
 //             packed (bool, "nn" only): w holds the K x N elements panel by panel (`kPanel`
 //               columns each, the last one N % kPanel): panel j is a row-major [K, width] block
 //               at offset j * kPanel * K (effjax.ops.few_row_matmul.pack). A tile then reads its
-//               panel front to back instead of pieces of weight rows N floats apart, which the
-//               hardware prefetchers follow: 9-13% faster at one row, 22-27% at 9-17 rows.
+//               panel front to back instead of pieces of weight rows N floats apart: 5-16%
+//               faster generation when the weights stream from DRAM (RESULTS.md).
 // Result:     out [M, N]
 //
 // Exactness contract (speculative and Medusa decoding compare their outputs with plain greedy
