@@ -4,13 +4,15 @@ Two views, each timed in alternation (medians):
 
 1. One matmul, [M, 256] x [256, 768] float32, cycling through 43 weight matrices (the number of
    weight matrices in one lm/small step, so they come from the last-level cache as in decoding, not
-   from L2) with each result feeding the next call: the kernel on row-major and on packed weights
-   (`few_row_matmul.pack`, packed once before timing), XLA's dot, and torch.matmul (2 threads), for
-   M = 1, 2, 5, 9, 17, 33, 65.
+   from L2) with each result feeding the next call: the kernel on row-major weights, on packed ones
+   read in L1-sized blocks as the LM reads them (`few_row_matmul.pack`, packed once before timing,
+   `stream=True`: `kernel_over_packed` is the two together), XLA's dot, and torch.matmul (2
+   threads), for M = 1, 2, 5, 9, 17, 33, 65.
 2. One cached lm/small decode step with T new tokens per row (1 = decoding; 2-9 = speculative
    verification; 17-65 = Medusa trees) at batch 1 and 4, `matmul_impl="auto"` (the kernel, with
-   the weights packed by `lm.pack_weights` and without) against `"xla"`, and T tokens' cost in
-   one-token steps: what the speculative speedup formula assumes is 1.
+   the weights packed by `lm.pack_weights(force=True)`, which also reads them in blocks, and
+   without) against `"xla"`, and T tokens' cost in one-token steps: what the speculative speedup
+   formula assumes is 1.
 
   python benchmarks/few_row_matmul.py           # ~3 min
   python benchmarks/few_row_matmul.py --quick   # ~40 s

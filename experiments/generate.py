@@ -42,6 +42,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Top-p (1.0 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype override.")
+_PACK = flags.DEFINE_bool("pack_weights", True, "Decode float32 models too large for the CPU's "
+                          "cache from packed weight copies (effjax.models.lm.pack_weights: faster, "
+                          "twice the weights' memory); --nopack_weights to keep one copy.")
 
 
 class _HFTokenizer:
@@ -97,7 +100,8 @@ def main(argv):
   if cache_len > cfg.max_len:
     cfg = cfg.replace(max_len=cache_len)  # RoPE extrapolates; the cache just needs the room.
   sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  params = pack_weights(params, cfg)  # Once: the few-row kernel's layout for every step.
+  if _PACK.value:
+    params = pack_weights(params, cfg)  # Once: the few-row kernel's layout for every step.
   sys.stdout.write(_PROMPT.value)
   sys.stdout.flush()
   start, count = time.perf_counter(), 0

@@ -12,7 +12,7 @@ import pytest
 
 from effjax.generate.engine import generate
 from effjax.models import lm, registry
-from effjax.ops import few_row_matmul
+from effjax.ops import cpu_ffi, few_row_matmul
 from effjax.speculative.decode import speculative_generate
 from tests.helpers_lm import prefill_rollback_step_logits
 
@@ -64,15 +64,42 @@ def test_packed_gradients_are_the_row_major_ones_packed():
   np.testing.assert_array_equal(pw, few_row_matmul.pack(gw))
 
 
+@pytest.mark.parametrize("isa_flags",
+                         [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "scalar"])
+def test_other_instruction_sets_read_packed_panels_too(isa_flags):
+  """The AVX2 and scalar builds split a 128-column panel into 32- and 4-column work units."""
+  target = "effjax_few_row_matmul_" + "_".join(f.strip("-") for f in isa_flags)
+  reason = cpu_ffi.load(few_row_matmul._SOURCE, (*few_row_matmul._FLAGS, *isa_flags),
+                        "EffjaxFewRowMatmul", target, "test build")
+  if reason is not None:
+    pytest.skip(reason)
+  call = lambda x, w, packed, stream: jax.ffi.ffi_call(
+      target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
+          x, w, transpose_w=False, stream=stream, packed=packed)
+  rng = np.random.default_rng(1)
+  for k, n in SHAPES:
+    x = jnp.asarray(rng.standard_normal((9, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    want = np.asarray(call(x, w, False, False))
+    np.testing.assert_allclose(want, np.asarray(x, np.float64) @ np.asarray(w, np.float64),
+                               atol=2e-6 * k, rtol=0)
+    for stream in (False, True):
+      np.testing.assert_array_equal(call(x, few_row_matmul.pack(w), True, stream), want,
+                                    err_msg=f"{k}x{n}, stream={stream}")
+
+
 def test_packed_weights_must_be_k_by_n():
   x, w = jnp.ones((2, 8)), jnp.ones((5, 8))
   with pytest.raises(ValueError, match="transpose_w must be False"):
     few_row_matmul.matmul(x, w, transpose_w=True, packed=True)
 
 
-def _untied_tiny():
-  # An untied head (264 columns: two panels and a narrow one) and an MLP of 1.5 panels.
-  return registry.get("lm/tiny", tie_embeddings=False, mlp_dim=200, matmul_precision="highest")
+def _untied_tiny(**kw):
+  # Every projection but k/v (32 columns) is wider than one 128-column panel, so packing moves its
+  # elements: q, o and down 160 columns, gate and up 200, the untied head 264.
+  return registry.get("lm/tiny", d_model=160, num_heads=10, num_kv_heads=2, head_dim=16,
+                      mlp_dim=200, tie_embeddings=False, matmul_precision="highest", **kw)
 
 
 def test_pack_weights_covers_every_projection_once():
@@ -89,7 +116,8 @@ def test_pack_weights_covers_every_projection_once():
       want = want[key.key]
     want = want.reshape(-1, want.shape[-1]) if name == "wo" else want.reshape(want.shape[0], -1)
     np.testing.assert_array_equal(few_row_matmul.unpack(copy), want, err_msg=name)
-  assert lm.pack_weights(packed, cfg) is packed  # Packed already: nothing to do.
+  again = lm.pack_weights(packed, cfg)  # Packed already: nothing to do.
+  assert again[lm.PACKED_WEIGHTS] is packed[lm.PACKED_WEIGHTS]
   xla = cfg.replace(matmul_impl="xla")  # The kernel is not used: nothing to pack for.
   assert lm.PACKED_WEIGHTS not in lm.pack_weights(params, xla, force=True)
 
@@ -105,8 +133,9 @@ def test_pack_weights_leaves_cache_resident_models_alone():
   assert lm.PACKED_WEIGHTS in packed
 
 
-def test_lm_reads_the_packed_copies_and_gets_the_same_logits():
-  cfg = _untied_tiny()
+@pytest.mark.parametrize("remat", [False, True])
+def test_lm_reads_the_packed_copies_and_gets_the_same_logits(remat):
+  cfg = _untied_tiny(remat=remat)
   params = lm.init_params(cfg, jax.random.PRNGKey(0))
   packed = lm.pack_weights(params, cfg, force=True)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)

@@ -234,23 +234,27 @@ def _as_matrix(name: str, w: jax.Array) -> jax.Array:
 
 
 def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
-  """`variables` plus the few-row kernel's packed copies of the projection weights.
+  """{"params": ..., "packed_weights": the few-row kernel's packed projection weights}.
 
   Call it once after loading, outside jit, and decode with the result: cached calls then read
   each weight panel front to back (effjax.ops.few_row_matmul.pack), with the same results bit for
   bit, at the price of a second copy of the weights in memory. Measured end to end
   (benchmarks/decode.py, RESULTS.md) it pays for models whose weights stream from DRAM every step
-  (`LMConfig.weights_stream`: 5-16% faster generation for the 126 MB `large` model) and not
+  (`LMConfig.weights_stream`: 1.05-1.22x faster generation for the 126 MB `large` model) and not
   measurably for ones the last-level cache holds, so for those it is a no-op unless `force` - as
   it is when the copies are there already, or where the kernel does not serve this config (other
-  backends, bfloat16, matmul_impl "xla"). Inside a jitted loop's body it would re-pack every
-  step: XLA neither hoists the copy out nor keeps it out without the barrier below.
+  backends, bfloat16, matmul_impl "xla"). A no-op still returns `{"params": ...}` variables.
+
+  The copies are a snapshot: after any change to the params (training, an edit) pack again, and
+  do not differentiate through cached calls of packed variables (their projection gradients go to
+  the copies). Traced inside a jitted loop's body it would re-pack every step: XLA neither hoists
+  the copy out of a loop nor, without the barrier below, keeps it out.
   """
-  variables = variables if isinstance(variables, dict) and "params" in variables else {
+  variables = variables if isinstance(variables, Mapping) and "params" in variables else {
       "params": variables}
   if (PACKED_WEIGHTS in variables or not config.uses_few_row_matmul(True, 1)
       or not (force or config.weights_stream())):
-    return variables
+    return dict(variables)
 
   def packed(tree):
     out = {}
@@ -260,10 +264,12 @@ def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
       elif name in _PROJECTIONS:
         out[name] = few_row_matmul.pack(_as_matrix(name, value))
     return out
-  # The barrier keeps XLA from sinking the copies back into the caller's loop (its fusible-op
-  # sinking otherwise re-packs every weight on every iteration).
-  return {**variables,
-          PACKED_WEIGHTS: jax.lax.optimization_barrier(packed(nn.unbox(variables["params"])))}
+  copies = packed(nn.unbox(variables["params"]))
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(copies)):
+    # Under jit: keeps XLA from sinking the copies into the caller's loop (its fusible-op sinking
+    # otherwise re-packs every weight on every iteration). Eagerly it would only copy them again.
+    copies = jax.lax.optimization_barrier(copies)
+  return {**variables, PACKED_WEIGHTS: copies}
 
 
 def _packed(module: nn.Module, name: str) -> Optional[jax.Array]:
@@ -302,9 +308,10 @@ class Attention(nn.Module):
     wk = _dense_param(self, "wk", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
     wv = _dense_param(self, "wv", (d, k, h), ("embed", "kv_heads", "head_dim"), pdt, d)
     wo = _dense_param(self, "wo", (n, h, d), ("heads", "head_dim", "embed"), pdt, n * h)
-    q = _project(x, wq, cfg, self.few_rows, "btd,dnh->btnh", _packed(self, "wq"))  # [B, T, N, H]
-    key = _project(x, wk, cfg, self.few_rows, "btd,dkh->btkh", _packed(self, "wk"))  # [B,T,K,H]
-    val = _project(x, wv, cfg, self.few_rows, "btd,dkh->btkh", _packed(self, "wv"))  # [B,T,K,H]
+    few_rows = self.few_rows
+    q = _project(x, wq, cfg, few_rows, "btd,dnh->btnh", _packed(self, "wq"))  # [B, T, N, H]
+    key = _project(x, wk, cfg, few_rows, "btd,dkh->btkh", _packed(self, "wk"))  # [B, T, K, H]
+    val = _project(x, wv, cfg, few_rows, "btd,dkh->btkh", _packed(self, "wv"))  # [B, T, K, H]
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
     inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(q, positions, inv_freq)
@@ -353,7 +360,8 @@ class MLP(nn.Module):
     hidden = nn.silu(_project(x, gate, cfg, few_rows, "btd,df->btf", _packed(self, "gate"))) * (
         _project(x, up, cfg, few_rows, "btd,df->btf", _packed(self, "up")))  # [B, T, F]
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "act_mlp"))
-    return _project(hidden, down, cfg, few_rows, "btf,fd->btd", _packed(self, "down"))  # [B,T,D]
+    # [B, T, D]
+    return _project(hidden, down, cfg, few_rows, "btf,fd->btd", _packed(self, "down"))
 
 
 class Block(nn.Module):

@@ -10,8 +10,8 @@ L1 instead of reading it again in narrow pieces.
 
 Packed weights (`pack`): the same elements reordered into 128-column panels, each a contiguous
 [K, 128] block, so a tile streams its panel front to back; same results bit for bit. Whole
-generations with the 126 MB `large` model of benchmarks/decode.py run 5-16% faster on them, the
-19 MB lm/small (cache-resident) no faster measurably (RESULTS.md), so `effjax.models.lm.
+generations with the 126 MB `large` model of benchmarks/decode.py run 1.05-1.22x faster on them,
+the 19 MB lm/small (cache-resident) no faster measurably (RESULTS.md), so `effjax.models.lm.
 pack_weights`, which loaders call once, packs only models whose weights stream from DRAM.
 
 Exactness: each output element is computed by the same sequence of float operations whatever the

@@ -190,7 +190,8 @@ void values_rows_avx512(const float* weights, int64_t width, const float* v, int
     for (int i = 0; i < kVecs; ++i) _mm512_storeu_ps(out + r * kHeadDim + 16 * i, acc[r][i]);
 }
 
-// Every row's output through values_rows_avx512, in groups that fill 16 accumulator registers.
+// Every row's output through values_rows_avx512, in groups of up to 6 rows and at most 16
+// accumulator registers.
 template <int64_t kHeadDim>
 void values_avx512(const float* weights, int64_t m, int64_t width, const float* v, int64_t first,
                    int64_t last, float* out) {
