@@ -256,7 +256,9 @@ def generate(params, config: LMConfig, prompts, prompt_lengths=None, *, max_new_
   """Generates up to `max_new_tokens` per row in one compiled program.
 
   Args:
-    params: LM variables (`{'params': ...}` or the bare tree).
+    params: LM variables (`{'params': ...}` or the bare tree). For float32 models larger than
+      the CPU's cache, `effjax.models.lm.pack_weights(params, config)`, made once, decodes
+      faster (RESULTS.md).
     config: the LM config (static).
     prompts: [B, P] int token ids, right-padded.
     prompt_lengths: [B] real lengths (default: all P).
