@@ -111,20 +111,18 @@ def _call_kernel(q, k, v, spec: MaskSpec, scale: float, softcap: Optional[float]
   kh = bk // b
   g = n // kh
   m = g * t
-  q_rows = xla_impl._grouped(q, kh).transpose(0, 2, 3, 1, 4).reshape(bk, m, h)  # [B*K, G*T, H]
   lo, hi = _row_ranges(spec, b, t, s)  # [B, T]
   per_row = lambda x: jnp.broadcast_to(x[:, None, None, :], (b, kh, g, t)).reshape(bk, m)
   bits = _tree_bits(spec, b, t)  # [B, T, W]
   bits = jnp.broadcast_to(bits[:, None, None], (b, kh, g, *bits.shape[1:])).reshape(
       bk, m, bits.shape[-1])  # [B*K, G*T, W]
   out, lse = jax.ffi.ffi_call(
-      _TARGET, (jax.ShapeDtypeStruct((bk, m, h), jnp.float32),
+      _TARGET, (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),  # q's layout: no copies
                 jax.ShapeDtypeStruct((bk, m), jnp.float32)),
       vmap_method="sequential",  # Correct under any vmap; the LM never vmaps its cached calls.
-  )(q_rows, k, v, per_row(lo), per_row(hi), bits, scale=np.float32(scale),
+  )(q, k, v, per_row(lo), per_row(hi), bits, scale=np.float32(scale),
     softcap=np.float32(softcap or 0.0), mask_value=np.float32(MASK_VALUE))
-  out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return out, lse.reshape(b, n, t)
+  return out, lse.reshape(b, n, t)  # [B, T, N, H], [B * K, G * T] = [B, N, T]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

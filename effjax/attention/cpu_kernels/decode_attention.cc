@@ -10,14 +10,16 @@
 // spent more time in XLA's attention and its mask fusions than in the weight matmuls; here the tree
 // is a few bits per query row.
 //
-// Operands (float32):  q [BK, M, H]  rows m = g * T + t of kv head k of batch row b (BK = B * K)
+// Operands (float32):  q [B, T, N, H] as the LM's projection makes it; block b * K + k (BK = B * K)
+//                        works on its M = G * T rows m = g * T + t: query head k * G + g at token t
 //                      k, v [BK, S, H]
 //                      lo, hi [BK, M] int32: row m sees key slots lo <= j < hi (empty if lo >= hi)
 //                      tree [BK, M, W] int32 (W may be 0): row m also sees slot hi + i for every
 //                        bit i (bit i % 32 of word i / 32) set in its words
 // Attributes:          scale, softcap (0: none)
-// Results:             out [BK, M, H] (zeros for rows that see no key)
-//                      lse [BK, M] (natural log; mask_value for rows that see no key)
+// Results:             out [B, T, N, H] (zeros for rows that see no key): the layout of q, so
+//                        neither needs a transposing copy around the call
+//                      lse [BK, M] = [B, N, T] (natural log; mask_value for rows that see no key)
 //
 // Exactness: a row's numbers depend only on its own query, mask and the cache - never on which
 // other rows share the call (each row's softmax runs over its own slot range; masked slots get
@@ -85,11 +87,12 @@ inline __m512 sum16(const __m512 (&p)[16]) {
   return _mm512_permutexvar_ps(order, f);
 }
 
-// logits[r * width + j - first] = scale * q[r] . k[j] for every row and j in [first, last), 16 keys
-// at a time (the last group repeats the last key; its extra sums are not stored).
+// logits[r * width + j - first] = scale * q[r] . k[j] for every row (at q + rows[r]) and j in
+// [first, last), 16 keys at a time (the last group repeats the last key; its extra sums are not
+// stored).
 template <int64_t kHeadDim>
-void logits_avx512(const float* q, const float* k, int64_t m, int64_t first, int64_t last,
-                   float scale, float* logits) {
+void logits_avx512(const float* q, const int64_t* rows, const float* k, int64_t m, int64_t first,
+                   int64_t last, float scale, float* logits) {
   constexpr int kVecs = kHeadDim / 16;
   const int64_t width = last - first;
   for (int64_t j0 = first; j0 < last; j0 += 16) {
@@ -98,7 +101,7 @@ void logits_avx512(const float* q, const float* k, int64_t m, int64_t first, int
     const int n = static_cast<int>(std::min<int64_t>(16, last - j0));
     for (int64_t r = 0; r < m; ++r) {
       __m512 qv[kVecs];
-      for (int i = 0; i < kVecs; ++i) qv[i] = _mm512_loadu_ps(q + r * kHeadDim + 16 * i);
+      for (int i = 0; i < kVecs; ++i) qv[i] = _mm512_loadu_ps(q + rows[r] + 16 * i);
       __m512 partial[16];
       for (int u = 0; u < 16; ++u) {
         __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys[u]));
@@ -119,8 +122,19 @@ struct Problem {
   const int32_t *lo, *hi, *tree;
   float *out, *lse;
   int64_t m, s, h, words;
+  int64_t t, n, kv_heads;  // q's T and N, and K (so G = N / K rows of each token per block)
   float scale, softcap, mask_value;
 };
+
+// Offsets in q and out of block's rows m = g * T + t: query head k * G + g of token t of row b.
+inline void row_offsets(const Problem& p, int64_t block, std::vector<int64_t>& rows) {
+  const int64_t b = block / p.kv_heads, k = block % p.kv_heads, g_heads = p.n / p.kv_heads;
+  rows.resize(p.m);
+  for (int64_t r = 0; r < p.m; ++r) {
+    const int64_t g = r / p.t, t = r % p.t;
+    rows[r] = ((b * p.t + t) * p.n + k * g_heads + g) * p.h;
+  }
+}
 
 // Row r's visible slots lie in [a, b) (a >= b: it sees none). `has_tree`: some tree bit is set.
 inline void row_extent(const Problem& p, const int32_t* lo, const int32_t* hi, const int32_t* tree,
@@ -164,7 +178,7 @@ inline void add_weighted_values(const float* weights, const float* v, int64_t fi
 // which rows share its group - or on the values in slots it cannot see.
 template <int64_t kHeadDim, int kRows>
 void values_rows_avx512(const float* weights, int64_t width, const float* v, int64_t first,
-                        int64_t last, float* out) {
+                        int64_t last, float* out, const int64_t* rows) {
   constexpr int kVecs = kHeadDim / 16;
   __m512 acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r)
@@ -187,22 +201,20 @@ void values_rows_avx512(const float* weights, int64_t width, const float* v, int
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int i = 0; i < kVecs; ++i) _mm512_storeu_ps(out + r * kHeadDim + 16 * i, acc[r][i]);
+    for (int i = 0; i < kVecs; ++i) _mm512_storeu_ps(out + rows[r] + 16 * i, acc[r][i]);
 }
 
 // Every row's output through values_rows_avx512, in groups of up to 6 rows and at most 16
 // accumulator registers.
 template <int64_t kHeadDim>
 void values_avx512(const float* weights, int64_t m, int64_t width, const float* v, int64_t first,
-                   int64_t last, float* out) {
+                   int64_t last, float* out, const int64_t* rows) {
   constexpr int kGroup = std::max<int>(1, std::min<int>(6, 16 / (kHeadDim / 16)));
   int64_t r = 0;
-  for (; r + kGroup <= m; r += kGroup) {
-    values_rows_avx512<kHeadDim, kGroup>(weights + r * width, width, v, first, last,
-                                         out + r * kHeadDim);
-  }
+  for (; r + kGroup <= m; r += kGroup)
+    values_rows_avx512<kHeadDim, kGroup>(weights + r * width, width, v, first, last, out, rows + r);
   for (; r < m; ++r)
-    values_rows_avx512<kHeadDim, 1>(weights + r * width, width, v, first, last, out + r * kHeadDim);
+    values_rows_avx512<kHeadDim, 1>(weights + r * width, width, v, first, last, out, rows + r);
 }
 #endif
 
@@ -210,16 +222,18 @@ void values_avx512(const float* weights, int64_t m, int64_t width, const float* 
 // kHeadDim > 0 fixes the head dim at compile time (the inner loops unroll and the accumulators stay
 // in registers); 0 reads it from the problem.
 template <int64_t kHeadDim>
-void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
-  const float* q = p.q + block * p.m * p.h;
+void attend_block(const Problem& p, int64_t block, std::vector<float>& logits,
+                  std::vector<int64_t>& rows) {
+  const float* q = p.q;  // Row r at q + rows[r], as out's.
   const float* k = p.k + block * p.s * p.h;
   const float* v = p.v + block * p.s * p.h;
   const int32_t* lo = p.lo + block * p.m;
   const int32_t* hi = p.hi + block * p.m;
   const int32_t* tree = p.tree + block * p.m * p.words;
-  float* out = p.out + block * p.m * p.h;
+  float* out = p.out;
   float* lse = p.lse + block * p.m;
   const int64_t h = kHeadDim > 0 ? kHeadDim : p.h;
+  row_offsets(p, block, rows);
 
   int64_t first = p.s, last = 0;  // The union of the rows' visible slots.
   for (int64_t r = 0; r < p.m; ++r) {
@@ -231,7 +245,7 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
       last = std::max(last, b);
     }
   }
-  std::fill(out, out + p.m * h, 0.0f);
+  for (int64_t r = 0; r < p.m; ++r) std::fill(out + rows[r], out + rows[r] + h, 0.0f);
   std::fill(lse, lse + p.m, p.mask_value);
   if (first >= last) return;
   const int64_t width = last - first;
@@ -240,13 +254,13 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
   // Logits: each key row is loaded once for all query rows.
 #if defined(__AVX512F__)
   if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
-    logits_avx512<kHeadDim>(q, k, p.m, first, last, p.scale, logits.data());
+    logits_avx512<kHeadDim>(q, rows.data(), k, p.m, first, last, p.scale, logits.data());
   } else
 #endif
   for (int64_t j = first; j < last; ++j) {
     const float* kj = k + j * h;
     for (int64_t r = 0; r < p.m; ++r) {
-      const float* qr = q + r * h;
+      const float* qr = q + rows[r];
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < h; ++d) dot += qr[d] * kj[d];
@@ -296,13 +310,13 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits) {
   // With AVX-512 a group of rows shares each value row's loads (3.5-13% faster for 2-66 rows).
 #if defined(__AVX512F__)
   if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
-    values_avx512<kHeadDim>(logits.data(), p.m, width, v, first, last, out);
+    values_avx512<kHeadDim>(logits.data(), p.m, width, v, first, last, out, rows.data());
     return;
   }
 #endif
   for (int64_t r = 0; r < p.m; ++r) {
     const float* weights = logits.data() + r * width - first;
-    float* o = out + r * h;
+    float* o = out + rows[r];
     if constexpr (kHeadDim > 0) {
       float acc[kHeadDim] = {};
       add_weighted_values<kHeadDim>(weights, v, first, last, h, acc);
@@ -320,26 +334,33 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                float mask_value,
                                ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = tree.dimensions();
-  if (qd.size() != 3 || kd.size() != 3 || qd[0] != kd[0] || qd[2] != kd[2] || td.size() != 3 ||
-      td[0] != qd[0] || td[1] != qd[1]) {
-    return ffi::Error::InvalidArgument("effjax_cpu_decode_attention: q must be [BK, M, H], "
-                                       "k, v [BK, S, H] and tree [BK, M, W]");
+  // q [B, T, N, H]; k, v [BK, S, H]; tree [BK, M, W] with K = BK / B kv heads and M = N / K * T.
+  const bool shapes_ok = qd.size() == 4 && kd.size() == 3 && td.size() == 3 && qd[0] > 0 &&
+                         kd[0] % qd[0] == 0 && qd[3] == kd[2] && qd[2] % (kd[0] / qd[0]) == 0 &&
+                         td[0] == kd[0] && td[1] == qd[2] / (kd[0] / qd[0]) * qd[1];
+  if (!shapes_ok) {
+    return ffi::Error::InvalidArgument(
+        "effjax_cpu_decode_attention: q must be [B, T, N, H], k, v [B * K, S, H] with K dividing "
+        "N, and tree [B * K, N / K * T, W]");
   }
+  const int64_t bk = kd[0], kv_heads = kd[0] / qd[0], m = qd[2] / kv_heads * qd[1];
   const Problem problem{q.typed_data(),    k.typed_data(),    v.typed_data(), lo.typed_data(),
                         hi.typed_data(),   tree.typed_data(), out->typed_data(),
-                        lse->typed_data(), qd[1],             kd[1],          qd[2],
-                        td[2],             scale,             softcap,        mask_value};
+                        lse->typed_data(), m,                 kd[1],          qd[3],
+                        td[2],             qd[1],             qd[2],          kv_heads,
+                        scale,             softcap,           mask_value};
   auto attend = problem.h == 32    ? attend_block<32>
                 : problem.h == 64  ? attend_block<64>
                 : problem.h == 128 ? attend_block<128>
                                    : attend_block<0>;
   // Below ~128K multiply-adds per pass over the cache (one-token decoding of a small model) the
   // work is a few microseconds: waking helpers would cost more. Medusa's 66-row blocks need them.
-  const int64_t work = qd[0] * kd[1] * kd[2] * std::max<int64_t>(qd[1], 2);
+  const int64_t work = bk * kd[1] * kd[2] * std::max<int64_t>(m, 2);
   const bool use_helpers = work >= (int64_t{1} << 17);
-  effjax::parallel_for(pool, qd[0], use_helpers, [problem, attend](int64_t block) {
+  effjax::parallel_for(pool, bk, use_helpers, [problem, attend](int64_t block) {
     thread_local std::vector<float> logits;  // Scratch, reused across calls on each thread.
-    attend(problem, block, logits);
+    thread_local std::vector<int64_t> rows;
+    attend(problem, block, logits, rows);
   });
   return ffi::Error::Success();
 }
