@@ -9,14 +9,14 @@ autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
   Hardware: 2 CPU cores (idle). Runtime: 8.4 min in a fresh clone, install (1 min) included:
-  target 127 s, drafts 119 s, Medusa 67 s, benchmark + report ~2.2 min; a rerun takes 2 s (every
-  step cached). Result (2026-11-30 05:39 UTC, both C++ decode kernels, tree attention in the
+  target 126 s, drafts 119 s, Medusa 71 s, benchmark + report ~2.1 min; a rerun takes 2 s (every
+  step cached). Result (2026-11-30 06:11 UTC, both C++ decode kernels, tree attention in the
   kernel; benchmarks/RESULTS.md): target 2.81 validation bits per byte; at batch 1 (4 prompts in
-  turn) greedy speculative decoding 2.11x over autoregressive (scratch draft, gamma 4, tau 4.3;
-  2.15x at gamma 6), 1.48x with the distilled draft; exact sampling at temperature 1 up to 1.73x
-  (distilled draft, gamma 4); Medusa-1 (tree of 32) 0.87x greedy with tau 4.1. On a CPU the
-  (gamma + 1)-token verification pass costs 1.1-2.0 target steps, which the report's second
-  prediction accounts for.
+  turn) greedy speculative decoding 2.03x over autoregressive (scratch draft, gamma 4, tau 4.3;
+  2.11x at 05:39), 1.33x with the distilled draft; exact sampling at temperature 1 up to 1.41x
+  (distilled draft, gamma 4; 1.73x at 05:39); Medusa-1 (tree of 32) 0.83x greedy with tau 4.1.
+  On a CPU the (gamma + 1)-token verification pass costs 0.75-2.2 target steps, which the
+  report's second prediction accounts for.
 
 Variants:
 
