@@ -12,6 +12,7 @@ import pytest
 
 from effjax.attention import MASK_VALUE, MaskSpec, dot_product_attention
 from effjax.attention import cpu_decode
+from effjax.ops import cpu_ffi
 from tests.helpers_lm import assert_kernel_decoding_matches_xla
 
 pytestmark = pytest.mark.skipif(cpu_decode.unavailable_reason() is not None,
@@ -52,6 +53,28 @@ def test_matches_xla_including_empty_rows(name):
   np.testing.assert_allclose(lse, want_lse, atol=2e-6, rtol=1e-6)
   np.testing.assert_array_equal(out[0], 0.0)
   np.testing.assert_array_equal(lse[0], np.float32(MASK_VALUE))
+
+
+@pytest.mark.parametrize("isa_flags",
+                         [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "scalar"])
+def test_other_instruction_sets_match_xla(isa_flags, monkeypatch):
+  """The paths without AVX-512 (per-row value sums, the plain logits loop) on every case."""
+  target = "effjax_cpu_decode_attention_" + "_".join(f.strip("-") for f in isa_flags)
+  reason = cpu_ffi.load(cpu_decode._SOURCE, (*cpu_decode._FLAGS, *isa_flags),
+                        "EffjaxCpuDecodeAttention", target, "test build")
+  if reason is not None:
+    pytest.skip(reason)
+  monkeypatch.setattr(cpu_decode, "_TARGET", target)
+  for name in sorted(CASES):
+    t, n, kh, h, s, window, softcap = CASES[name]
+    q, k, v = _inputs(0, 3, t, n, kh, h, s)
+    lengths = jnp.asarray([0, s // 2, s])
+    pos = jnp.maximum(lengths[:, None] - t, 0) + jnp.arange(t)[None, :]
+    spec = MaskSpec(causal=True, q_positions=pos, kv_lengths=lengths, local_window=window)
+    for got, want in zip(_attend("cpu_decode", q, k, v, spec, softcap),
+                         _attend("xla", q, k, v, spec, softcap)):
+      np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6, err_msg=name)
 
 
 def test_non_causal_with_lengths_and_default_positions():
