@@ -42,6 +42,26 @@ def test_loss_weights_and_weighted_sum():
   np.testing.assert_allclose(loss, np.dot(0.8 ** np.arange(k), ces), rtol=1e-5)
 
 
+def test_chain_rank_terms_condition_on_earlier_heads_being_right():
+  # One row, 7 tokens, 2 heads over 5 tokens. Head 0 is scored at positions 0-4, head 1 at 0-3.
+  tokens = np.array([[0, 1, 2, 3, 4, 0, 1]], np.int32)
+  logits = np.zeros((1, 7, 2, 5), np.float32)
+  right0 = [True, True, False, False, True]  # head 0 at position i vs tokens[i + 2]
+  right1 = [True, False, True, True]  # head 1 at position i vs tokens[i + 3]
+  for i, ok in enumerate(right0):
+    logits[0, i, 0, tokens[0, i + 2] if ok else (tokens[0, i + 2] + 1) % 5] = 5.0
+  for i, ok in enumerate(right1):
+    logits[0, i, 1, tokens[0, i + 3] if ok else (tokens[0, i + 3] + 1) % 5] = 5.0
+  hist, count = mtrain.chain_rank_terms(jnp.asarray(logits), jnp.asarray(tokens))
+  # Head 0 has no earlier head: all 5 positions. Head 1 only where head 0 was right (0 and 1).
+  np.testing.assert_array_equal(count, [5, 2])
+  np.testing.assert_allclose(np.asarray(hist)[:, 0], [3 / 5, 1 / 2])
+  _, marginal, _ = mtrain.head_terms(jnp.asarray(logits), jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(marginal)[:, 0], [3 / 5, 3 / 4])
+  # A wrong token here sits at rank 1 (one logit above it): counted in the rank-1 column.
+  np.testing.assert_allclose(np.asarray(hist)[:, 1], [2 / 5, 1 / 2])
+
+
 def test_head_targets_are_two_plus_k_ahead():
   rng = np.random.default_rng(1)
   b, t, k, v = 3, 16, 3, 40
@@ -138,9 +158,10 @@ def test_self_distill_data_continues_prompts(lm_params):
 def test_configs_parse(name):
   import importlib
   mod = importlib.import_module(f"configs.medusa.{name}")
-  for arg in (None, "tiny", "distill"):
+  for arg in (None, "tiny", "corpus"):
     c = mod.get_config(arg)
     assert c.mode == name and c.num_steps > c.heads_warmup_steps >= 0
+    assert c.data.source == ("corpus" if arg == "corpus" else "self_distill")
   with pytest.raises(ValueError, match="unknown variant"):
     mod.get_config("huge")
 
@@ -153,7 +174,9 @@ def test_medusa2_tiny_experiment(tmp_path):
   info = experiment.run(config, str(tmp_path))
   assert info["mode"] == "medusa2" and len(info["head_top1"]) == 4
   assert all(0.0 <= a <= b <= 1.0 for a, b in zip(info["head_top1"], info["head_top5"]))
-  assert {len(v) for v in info["best_trees"].values()} == {15, 31, 63}
+  assert {len(v) + 1 for v in info["best_trees"].values()} == set(experiment.TREE_SIZES)
+  # Self-distillation (the default): accuracies on held-out continuations, corpus ones alongside.
+  assert info["data_source"] == "self_distill" and len(info["corpus_head_top1"]) == 4
   heads, saved = experiment.load_heads(str(tmp_path), registry.get("lm/tiny"))
   assert saved["head_top1"] == info["head_top1"]
   assert (tmp_path / "joint").is_dir() and (tmp_path / "medusa_backbone").is_dir()

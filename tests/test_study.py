@@ -96,6 +96,10 @@ def test_report_is_valid_html_naming_every_figure_in_the_json(study_dir):
     assert f">{row['method']}<" in page
     assert row["tokens_per_s"] > 0 and row["speedup"] > 0
   assert "draft_scratch" in results["training"] and "target" in results["training"]
+  # The tiny config tunes the Medusa tree (medusa_tree_size 0): the chosen size decoded fastest.
+  for row in (r for r in results["decoding"] if r["method"] == "medusa"):
+    seconds = {int(k): v for k, v in row["tree_tuning"]["seconds"].items()}
+    assert set(seconds) == {4, 8} and row["tree_size"] == min(seconds, key=seconds.get)
   assert "token_view" in checker.ids
 
 
@@ -114,3 +118,29 @@ def test_notebook_executes_on_the_finished_study(study_dir):
   text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                  for o in c.get("outputs", []))
   assert "autoregressive" in text and "speculative" in text
+
+
+def test_run_step_caches_reruns_on_change_and_keeps_the_old_run(tmp_path):
+  from effjax.study.pipeline import run_step
+  calls = []
+
+  def step(tag):
+    def fn(step_dir):
+      calls.append(tag)
+      with open(os.path.join(step_dir, "ckpt"), "w") as f:  # Stands in for checkpoints.
+        f.write(tag)
+      return {"tag": tag}
+    return fn
+
+  first = run_step(str(tmp_path), "s", {"lr": 1}, step("a"))
+  assert first["tag"] == "a" and first["config_hash"]
+  assert run_step(str(tmp_path), "s", {"lr": 1}, step("b"))["tag"] == "a"  # Cached.
+  changed = run_step(str(tmp_path), "s", {"lr": 2}, step("c"))
+  assert calls == ["a", "c"] and changed["config_hash"] != first["config_hash"]
+  # The new run started clean; the old one is kept beside it, checkpoints and all.
+  assert open(tmp_path / "s" / "ckpt").read() == "c"
+  assert open(tmp_path / f"s.old-{first['config_hash']}" / "ckpt").read() == "a"
+  # A run killed before it finished (STARTED, no DONE) resumes in place if the config is the same.
+  os.remove(tmp_path / "s" / "DONE.json")
+  run_step(str(tmp_path), "s", {"lr": 2}, lambda d: {"saw": open(os.path.join(d, "ckpt")).read()})
+  assert json.load(open(tmp_path / "s" / "DONE.json"))["summary"]["saw"] == "c"

@@ -13,18 +13,18 @@ r"""Medusa-1: four heads (one residual block each) on the frozen stdlib target (
 Variants:
   :tiny       lm/tiny with a random backbone (no checkpoint needed), 40 documents, 4 steps:
               the smoke run the tests use (seconds).
-  :distill    self-distillation data: corpus prompts continued by the backbone itself.
+  :corpus     heads trained on corpus crops instead of the backbone's own continuations.
 """
 
 import ml_collections
 
 from effjax import sharding
 
-_VARIANTS = ("default", "tiny", "distill")
+_VARIANTS = ("default", "tiny", "corpus")
 
 
 def get_config(arg=None):
-  """Returns the config of variant `arg` (None or "default", "tiny", "distill")."""
+  """Returns the config of variant `arg` (None or "default", "tiny", "corpus")."""
   arg = arg or "default"
   if arg not in _VARIANTS:
     raise ValueError(f"unknown variant {arg!r} of configs/medusa/medusa1.py; choose one of "
@@ -35,14 +35,14 @@ def get_config(arg=None):
   c.backbone_overrides = ml_collections.ConfigDict()
   c.backbone_workdir = ""  # The trained target's workdir; required unless allow_random_backbone.
   c.allow_random_backbone = False
-  c.heads = ml_collections.ConfigDict(dict(num_heads=4, num_layers=1))
+  c.heads = ml_collections.ConfigDict(dict(num_heads=6, num_layers=1))
   c.loss_decay = 0.8  # lambda_k = 0.8^k
   c.heads_warmup_steps = 0  # Medusa-2 only.
   c.head_lr_mult = 4.0  # Medusa-2 only.
   c.head_loss_weight = 0.2  # Medusa-2 only.
   c.data = ml_collections.ConfigDict(dict(
-      source="corpus", val_fraction=0.05, max_docs=None, batch_size=16, seq_len=128,
-      num_seqs=256, prompt_len=32, temperature=0.0))
+      source="self_distill", val_fraction=0.05, max_docs=None, batch_size=16, seq_len=128,
+      num_seqs=512, prompt_len=32, temperature=0.0))
   c.num_steps = 300
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=20, weight_decay=0.0, clip_norm=1.0, b1=0.9, b2=0.99,
@@ -58,10 +58,11 @@ def get_config(arg=None):
   c.sharding = ml_collections.ConfigDict()
   c.sharding.mesh_shape = (-1, 1, 1)
   c.sharding.rules = sharding.DEFAULT_RULES
-  if arg == "distill":
-    c.data.source = "self_distill"
+  if arg == "corpus":
+    c.data.source = "corpus"
   if arg == "tiny":
     c.backbone = "lm/tiny"
+    c.heads.num_heads = 4
     c.allow_random_backbone = True
     c.data.max_docs = 40
     c.data.batch_size = 4

@@ -9,7 +9,7 @@ r"""Medusa-2: heads first, then heads and backbone jointly (LM loss + 0.2 x head
 
 The first `heads_warmup_steps` train the heads alone (as Medusa-1), so the joint stage does not start
 from random-quality heads whose large loss would disturb the backbone; the heads then learn at
-`head_lr_mult` x the backbone's learning rate. Variants as in medusa1.py (:tiny, :distill).
+`head_lr_mult` x the backbone's learning rate. Variants as in medusa1.py (:tiny, :corpus).
 """
 
 from configs.medusa import medusa1

@@ -59,13 +59,15 @@ def get_config(arg=None):
   c.medusa = _config_of("medusa/medusa1.py", "tiny" if arg == "tiny" else None)
   c.bench = ml_collections.ConfigDict(dict(
       prompt_len=64, max_new_tokens=128, batch_sizes=(1, 4), samplings=("greedy", "t=1"),
-      gammas=(1, 2, 4, 6, 8), medusa_tree_size=32, repeats=3, seed=0))
+      gammas=(1, 2, 4, 6, 8), repeats=3, seed=0,
+      # 0: of medusa_tree_sizes, the one that decodes calibration prompts fastest here.
+      medusa_tree_size=0, medusa_tree_sizes=(4, 6, 8, 12, 16, 32)))
   for sub in (c.target, c.drafts, c.medusa):
     sub.progress_bar = True
   if arg == "tiny":
     c.medusa.allow_random_backbone = False
     c.bench.update(dict(prompt_len=16, max_new_tokens=12, batch_sizes=(1,), gammas=(2,),
-                        medusa_tree_size=16, repeats=1))
+                        medusa_tree_sizes=(4, 8), repeats=1))
     for sub in (c.target, c.drafts, c.medusa):
       sub.progress_bar = False
   if arg == "accelerator":

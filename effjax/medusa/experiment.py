@@ -4,7 +4,7 @@ Stages run through the generic trainer (`effjax.train.fit`), each in its own sub
 checkpoints and resumes on its own: Medusa-1 is one stage (`heads/`: backbone frozen, passed to the
 loss as a frozen pytree); Medusa-2 adds a joint stage (`joint/`) after `heads_warmup_steps` of heads.
 The result, in `WORKDIR/`: `medusa_heads/` (Orbax), `medusa.json` (head shape, backbone, per-head
-top-1/top-5 accuracy, per-rank accuracy, the best trees of 16/32/64 tokens) and, for Medusa-2,
+top-1/top-5 accuracy, per-rank accuracy, the best trees of 4-64 tokens) and, for Medusa-2,
 `medusa_backbone/` (the jointly tuned backbone).
 
 Medusa-2's higher head learning rate: `fit` has one learning rate, so the joint stage trains heads
@@ -33,6 +33,8 @@ from effjax.models import registry
 from effjax.models.lm import LM, LMConfig, init_params
 
 log = logging.getLogger(__name__)
+# Sizes (root included) whose best trees medusa.json lists; small ones are what a CPU can afford.
+TREE_SIZES = (4, 6, 8, 12, 16, 32, 64)
 
 
 class CropData:
@@ -177,7 +179,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     raise ValueError(f"config.data.source={d.source!r}; choose 'corpus' or 'self_distill'")
   eval_it = mtrain.crop_batches(val_stream, d.batch_size, d.seq_len, config.seed + 1)
-  eval_batches = [next(eval_it) for _ in range(config.eval_batches)]
+  corpus_eval = [next(eval_it) for _ in range(config.eval_batches)]
+  eval_batches = corpus_eval
+  if d.source == "self_distill":
+    # Held-out continuations the backbone itself wrote: what the heads must predict when decoding,
+    # so the per-rank accuracies (and the trees built from them) are measured on that.
+    held_out = mtrain.self_distill_data(lm_params, lm_config, val_stream,
+                                        num_seqs=config.eval_batches * d.batch_size,
+                                        prompt_len=d.prompt_len, seq_len=d.seq_len,
+                                        temperature=d.temperature, seed=config.seed + 1)
+    eval_batches = list(held_out.reshape(config.eval_batches, d.batch_size, d.seq_len))
   data = Data(train=train_data, get_state=train_data.get_state, set_state=train_data.set_state,
               eval=[{"tokens": b} for b in eval_batches])
 
@@ -200,13 +211,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ocp.StandardCheckpointer().save(os.path.join(workdir, "medusa_backbone"),
                                     jax.device_get(lm_params), force=True)
 
-  acc = mtrain.evaluate_heads(lm_params, head_params, lm_config, heads_config, eval_batches)
-  rank_acc = np.asarray(acc["rank_accuracy"])
-  trees = {str(s): [list(c) for c in best_tree(rank_acc, s).choices] for s in (16, 32, 64)}
+  # Self-distilled sequences are scored from the last prompt token on: what decoding will see.
+  start = d.prompt_len - 1 if d.source == "self_distill" else 0
+  acc = mtrain.evaluate_heads(lm_params, head_params, lm_config, heads_config, eval_batches,
+                              start=start)
+  rank_acc = np.asarray(acc["chain_rank_accuracy"])  # Correlated heads: see chain_rank_terms.
+  trees = {str(s): [list(c) for c in best_tree(rank_acc, s).choices] for s in TREE_SIZES}
+  corpus_acc = (acc if eval_batches is corpus_eval else
+                mtrain.evaluate_heads(lm_params, head_params, lm_config, heads_config, corpus_eval))
   info = {"backbone": config.backbone, "backbone_workdir": config.backbone_workdir,
           "mode": config.mode, "num_heads": heads_config.num_heads,
           "num_layers": heads_config.num_layers, "d_model": heads_config.d_model,
-          "vocab_size": heads_config.vocab_size, "steps": config.num_steps, **acc,
+          "vocab_size": heads_config.vocab_size, "steps": config.num_steps,
+          "data_source": d.source, "accuracy_measured_on": (
+              "held-out self-distilled continuations" if d.source == "self_distill"
+              else "held-out corpus crops"), **acc,
+          "corpus_head_top1": corpus_acc["head_top1"], "corpus_head_top5": corpus_acc["head_top5"],
           "best_trees": trees}
   save_heads(workdir, head_params, info)
   for k in range(heads_config.num_heads):

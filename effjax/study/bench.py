@@ -51,6 +51,22 @@ def _lm_config(train_cfg) -> LMConfig:
   return lm_task.model_config(train_cfg)
 
 
+def _medusa_tree(target, heads, target_cfg: LMConfig, info: dict, b, batch: int, calibration):
+  """(tree, tuning table): `bench.medusa_tree_size` tokens, or 0 = the size that decodes the
+  calibration prompts fastest here (`effjax.medusa.tune.tune_tree`)."""
+  from effjax.medusa.tree import best_tree
+  from effjax.medusa.tune import tune_tree
+  rank_acc = np.asarray(info.get("chain_rank_accuracy", info["rank_accuracy"]))
+  if b.medusa_tree_size:
+    return best_tree(rank_acc, b.medusa_tree_size), None
+  sets = [calibration[i:i + batch] for i in range(0, len(calibration) - batch + 1, batch)]
+  tree, table = tune_tree(target, heads, target_cfg, rank_acc, sets, tuple(b.medusa_tree_sizes),
+                          max_new_tokens=min(64, b.max_new_tokens))
+  log.info("Medusa tree for batch %d: %d tokens (calibration seconds %s)", batch, tree.size,
+           {k: round(v, 3) for k, v in table["seconds"].items()})
+  return tree, table
+
+
 def run(config, trained: dict, step_dir: str) -> dict:
   """Benchmarks every method on the trained models; returns {"rows": [...], "token_view_*": ...}."""
   from effjax.speculative import metrics as spec_metrics
@@ -88,6 +104,7 @@ def run(config, trained: dict, step_dir: str) -> dict:
                                                                  batch=batch)
                   for batch in b.batch_sizes for gamma in (b.gammas if drafts else ())}
   ar_time: dict = {}
+  medusa_trees: dict = {}  # batch -> (tree, tuning table or None)
   view_html, view_text = "", ""
   rng = jax.random.PRNGKey(b.seed)
   for method, batch, s_name, d_name, gamma in tqdm(jobs, desc="bench", unit="run"):
@@ -121,10 +138,12 @@ def run(config, trained: dict, step_dir: str) -> dict:
     else:
       from effjax.medusa import decode as medusa_decode
       from effjax.medusa import experiment as medusa_exp
-      from effjax.medusa.tree import MedusaTree
       heads, info = medusa_exp.load_heads(trained["medusa"]["workdir"], target_cfg)
-      choices = (info.get("best_trees") or {}).get(str(b.medusa_tree_size))
-      tree = MedusaTree.from_choices([tuple(c) for c in choices]) if choices else None
+      if batch not in medusa_trees:
+        # Calibrated on the next validation documents, not on the prompts measured here.
+        calibration = validation_prompts(2 * len(prompts_all), b.prompt_len)[len(prompts_all):]
+        medusa_trees[batch] = _medusa_tree(target, heads, target_cfg, info, b, batch, calibration)
+      tree, tuning = medusa_trees[batch]
       typical = medusa_decode.TypicalParams() if s_name == "typical" else None
       kwargs = dict(max_new_tokens=n_new, tree=tree, rng=rng)
       if typical is not None:
@@ -137,7 +156,9 @@ def run(config, trained: dict, step_dir: str) -> dict:
       row.update(tar=m.get("tar"), tau=m.get("tau"),
                  passes_per_token=m.get("target_passes_per_token"),
                  per_position_acceptance=m.get("per_position_acceptance"))
-      row["tree_size"] = b.medusa_tree_size
+      row["tree_size"] = tree.size
+      if tuning:
+        row["tree_tuning"] = tuning
     row["seconds"] = t
     row["tokens_per_s"] = len(prompt_sets) * batch * n_new / t
     rows.append(row)

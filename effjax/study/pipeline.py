@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from typing import Any, Callable
 
@@ -38,18 +39,35 @@ def _done_path(workdir: str, step: str) -> str:
 
 
 def run_step(workdir: str, step: str, cfg: Any, fn: Callable[[str], dict]) -> dict:
-  """Runs `fn(step_dir)` unless a finished run with the same config is cached; returns its summary."""
+  """Runs `fn(step_dir)` unless a finished run with the same config is cached; returns its summary.
+
+  The summary carries `config_hash`, which later steps put in their own configs, so retraining a
+  step reruns everything built on it. A step whose config changed starts in a fresh directory: the
+  old one is kept as `<step>.old-<hash>` (its checkpoints would not fit the new config, and nothing
+  is deleted). A killed run of the same config resumes in place from its checkpoints.
+  """
   step_dir = os.path.join(workdir, step)
   done = _done_path(workdir, step)
+  started = os.path.join(step_dir, "STARTED.json")
   digest = _hash(cfg)
-  if os.path.exists(done):
-    with open(done) as f:
-      cached = json.load(f)
-    if cached.get("config_hash") == digest:
-      log.info("[study] %s: done already (%s), skipping", step, done)
-      return cached["summary"]
-    log.info("[study] %s: config changed since the cached run; running it again", step)
+  old_hash = None
+  for marker in (done, started):
+    if old_hash is None and os.path.exists(marker):
+      with open(marker) as f:
+        cached = json.load(f)
+      if marker == done and cached.get("config_hash") == digest:
+        log.info("[study] %s: done already (%s), skipping", step, done)
+        return dict(cached["summary"], config_hash=digest)
+      old_hash = cached.get("config_hash")
+  if old_hash is not None and old_hash != digest:
+    aside = f"{step_dir}.old-{old_hash}"
+    shutil.rmtree(aside, ignore_errors=True)  # An older copy of that very config, if any.
+    os.replace(step_dir, aside)
+    log.info("[study] %s: config changed since the last run; the old run is kept in %s and the "
+             "step runs again", step, aside)
   os.makedirs(step_dir, exist_ok=True)
+  with open(started, "w") as f:
+    json.dump({"config_hash": digest}, f)
   start = time.time()
   log.info("[study] %s: running in %s", step, step_dir)
   summary = fn(step_dir)
@@ -58,7 +76,7 @@ def run_step(workdir: str, step: str, cfg: Any, fn: Callable[[str], dict]) -> di
   with open(tmp, "w") as f:
     json.dump({"config_hash": digest, "summary": summary}, f, indent=1, default=float)
   os.replace(tmp, done)  # Atomic: a kill leaves either no marker or a whole one.
-  return summary
+  return dict(summary, config_hash=digest)
 
 
 def _read_curve(step_dir: str) -> list[dict]:
@@ -153,14 +171,17 @@ def run_study(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trained = {"target": target}
   if config.get("drafts") is not None:
     trained["drafts"] = run_step(
-        workdir, "drafts", {"cfg": config.drafts.to_dict(), "teacher": target["workdir"]},
+        workdir, "drafts", {"cfg": config.drafts.to_dict(), "teacher": target["workdir"],
+                            "teacher_run": target["config_hash"]},
         _distil_drafts(config.drafts, target["workdir"]))
   if config.get("medusa") is not None:
     trained["medusa"] = run_step(workdir, "medusa", {"cfg": config.medusa.to_dict(),
-                                                     "backbone": target["workdir"]},
+                                                     "backbone": target["workdir"],
+                                                     "backbone_run": target["config_hash"]},
                                  _train_medusa(config.medusa, target["workdir"]))
   bench_key = {"bench": config.bench.to_dict(), "trained": {k: v.get("workdir") for k, v in
-                                                           trained.items()}}
+                                                           trained.items()},
+               "runs": {k: v["config_hash"] for k, v in trained.items()}}
   decoding = run_step(workdir, "bench", bench_key,
                       lambda d: bench_lib.run(config, trained, d))
   results = {
