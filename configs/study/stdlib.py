@@ -8,15 +8,17 @@ baseline and a distilled one) -> train Medusa-1 heads on the frozen target -> be
 autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
-  Hardware: 2 CPU cores (idle). Runtime: 8.4 min in a fresh clone, install (1 min) included:
-  target 126 s, drafts 119 s, Medusa 71 s, benchmark + report ~2.1 min; a rerun takes 2 s (every
-  step cached). Result (2026-11-30 06:11 UTC, both C++ decode kernels, tree attention in the
-  kernel; benchmarks/RESULTS.md): target 2.81 validation bits per byte; at batch 1 (4 prompts in
-  turn) greedy speculative decoding 2.03x over autoregressive (scratch draft, gamma 4, tau 4.3;
-  2.11x at 05:39), 1.33x with the distilled draft; exact sampling at temperature 1 up to 1.41x
-  (distilled draft, gamma 4; 1.73x at 05:39); Medusa-1 (tree of 32) 0.83x greedy with tau 4.1.
-  On a CPU the (gamma + 1)-token verification pass costs 0.75-2.2 target steps, which the
-  report's second prediction accounts for.
+  Hardware: 2 CPU cores (idle). Runtime: 11.3 min in a fresh clone, install (1.2 min) included:
+  target 148 s, drafts 145 s, Medusa 123 s, benchmark + report 3.2 min (8.4 min at 06:11 with
+  corpus-trained Medusa heads, a fixed tree and a faster machine); a rerun takes 2 s (every step
+  cached; a step whose config changed runs again in a fresh directory, the old one kept beside it).
+  Result (2026-11-30 07:29 UTC; benchmarks/RESULTS.md): target 2.81 validation bits per byte; at
+  batch 1 (4 prompts in turn) Medusa-1 greedy 2.70x over autoregressive (six heads trained on the
+  target's own greedy continuations, tree of 8 tokens picked by timing trees of 4-32, tau 6.8),
+  typical acceptance at T = 1 2.32x; greedy speculative decoding 2.25x (scratch draft, gamma 8,
+  tau 6.1), 1.46x with the distilled draft (gamma 4); exact sampling at temperature 1 up to 1.72x
+  (distilled draft, gamma 4). On a CPU the (gamma + 1)-token verification pass costs 0.9-2.2
+  target steps, which the report's second prediction accounts for.
 
 Variants:
 
