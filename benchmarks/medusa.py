@@ -17,8 +17,8 @@ All on the same trained target (lm/small trained by `experiments.train --config=
 
 The same 4 prompts (64-byte crops of held-out corpus files) at batch 1 (one after another) and batch 4;
 no EOS stop, so every row generates max_new tokens. Medians over repeats (after one compiling call);
-speedup = ar median time / method median time (sampled runs against sampled ar). On CPU a tree pass is
-compute-bound, so small trees pay off best; hence the tuned row.
+speedup = ar median time / method median time (sampled runs against sampled ar). On CPU a tree pass
+is compute-bound, so small trees pay off best; hence the tuned row.
 The goal (from the issue): Medusa >= 2x wall-clock over autoregressive at batch 1.
 
     python benchmarks/medusa.py --target_workdir=/tmp/effjax/lm_stdlib \
@@ -56,6 +56,7 @@ from effjax.speculative.decode import speculative_generate  # noqa: E402
 from effjax.speculative.metrics import summarize  # noqa: E402
 
 TUNE_SIZES = (4, 6, 8, 10, 12, 16, 24, 32)  # Candidates for the tuned tree (root included).
+SD_PROMPT_LEN = 32  # Self-distillation: corpus prompts this long, continued by the target to 128.
 
 
 def _load(workdir, name):
@@ -94,7 +95,7 @@ def main():
                   help="distilled draft (lm/draft) for the speculative comparison")
   ap.add_argument("--head_steps", type=int, default=None)
   ap.add_argument("--head_data", choices=("self_distill", "corpus"), default="self_distill",
-                  help="train the heads on the target's own greedy continuations or on corpus crops")
+                  help="train the heads on the target's own greedy continuations or corpus crops")
   ap.add_argument("--max_new", type=int, default=None)
   ap.add_argument("--repeats", type=int, default=None)
   ap.add_argument("--tree_sizes", default=None, help="comma-separated, e.g. 16,32,64")
@@ -130,7 +131,8 @@ def main():
   if args.head_data == "self_distill":
     # Medusa's self-distillation: the target's own greedy continuations of training prompts.
     sd = lambda stream, n, seed: mtrain.self_distill_data(params, cfg, stream, num_seqs=n,
-                                                          prompt_len=32, seq_len=128, seed=seed)
+                                                          prompt_len=SD_PROMPT_LEN, seq_len=128,
+                                                          seed=seed)
     train_batches = mtrain.array_batches(sd(streams["train"], 64 if q else 512, 0), 16, seed=0)
     val_batches = list(sd(streams["validation"], 64, 1).reshape(4, 16, 128))
   else:
@@ -141,13 +143,14 @@ def main():
                                 log_every=max(head_steps // 4, 1))
   head_train_s = time.perf_counter() - t0  # Self-distillation data included.
   acc = mtrain.evaluate_heads(params, heads, cfg, hc, val_batches,
-                              start=31 if args.head_data == "self_distill" else 0)
+                              start=SD_PROMPT_LEN - 1 if args.head_data == "self_distill" else 0)
   rank_acc = np.asarray(acc["chain_rank_accuracy"])
   params = pack_weights(params, cfg)  # Decoding only from here: packed once, as a loader would.
 
   prompt_it = mtrain.crop_batches(streams["validation"], 4, prompt_len, seed=2)
   prompts4 = next(prompt_it)
-  # The tuned tree is chosen on other held-out crops, so it is not fitted to the measured prompts.
+  # The tuned tree is chosen on other random held-out crops, so it is not fitted to the measured
+  # prompts.
   calibration = next(mtrain.crop_batches(streams["validation"], 4, prompt_len, seed=3))
   results, figures, tunings = [], {}, {}
   for batch in (1, 4):

@@ -62,6 +62,18 @@ def test_chain_rank_terms_condition_on_earlier_heads_being_right():
   np.testing.assert_allclose(np.asarray(hist)[:, 1], [2 / 5, 1 / 2])
 
 
+def test_evaluate_heads_start_scores_only_later_positions(lm_params):
+  hc = HeadsConfig.for_lm(CFG, num_heads=3)
+  heads = init_heads(hc, lm_params, CFG, jax.random.PRNGKey(1))
+  tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)).astype(np.int32)
+  for start in (0, 4):
+    acc = mtrain.evaluate_heads(lm_params, heads, CFG, hc, [tokens], start=start)
+    # Head 0 is scored at positions start..T-3 of each row; later heads where the earlier were right.
+    assert acc["chain_count"][0] == 2 * (12 - 2 - start)
+    assert all(a >= b for a, b in zip(acc["chain_count"], acc["chain_count"][1:]))
+    np.testing.assert_allclose(acc["chain_rank_accuracy"][0], acc["rank_accuracy"][0])
+
+
 def test_head_targets_are_two_plus_k_ahead():
   rng = np.random.default_rng(1)
   b, t, k, v = 3, 16, 3, 40

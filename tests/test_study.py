@@ -140,7 +140,27 @@ def test_run_step_caches_reruns_on_change_and_keeps_the_old_run(tmp_path):
   # The new run started clean; the old one is kept beside it, checkpoints and all.
   assert open(tmp_path / "s" / "ckpt").read() == "c"
   assert open(tmp_path / f"s.old-{first['config_hash']}" / "ckpt").read() == "a"
+  # Back to the first config: its finished run comes back instead of training again.
+  assert run_step(str(tmp_path), "s", {"lr": 1}, step("d"))["tag"] == "a" and calls == ["a", "c"]
+  assert open(tmp_path / f"s.old-{changed['config_hash']}" / "ckpt").read() == "c"
   # A run killed before it finished (STARTED, no DONE) resumes in place if the config is the same.
   os.remove(tmp_path / "s" / "DONE.json")
-  run_step(str(tmp_path), "s", {"lr": 2}, lambda d: {"saw": open(os.path.join(d, "ckpt")).read()})
-  assert json.load(open(tmp_path / "s" / "DONE.json"))["summary"]["saw"] == "c"
+  run_step(str(tmp_path), "s", {"lr": 1}, lambda d: {"saw": open(os.path.join(d, "ckpt")).read()})
+  assert json.load(open(tmp_path / "s" / "DONE.json"))["summary"]["saw"] == "a"
+
+
+def test_run_step_moves_aside_runs_it_cannot_identify(tmp_path):
+  from effjax.study.pipeline import run_step
+  # A directory without markers (an older version's killed run), then one whose marker a kill cut
+  # short: neither is resumed into the new config, both are kept.
+  os.makedirs(tmp_path / "s")
+  (tmp_path / "s" / "ckpt").write_text("stale")
+  run_step(str(tmp_path), "s", {"lr": 1}, lambda d: {"empty": not os.path.exists(f"{d}/ckpt")})
+  assert json.load(open(tmp_path / "s" / "DONE.json"))["summary"]["empty"]
+  assert (tmp_path / "s.old-unknown" / "ckpt").read_text() == "stale"
+  os.remove(tmp_path / "s" / "DONE.json")
+  (tmp_path / "s" / "STARTED.json").write_text('{"config_')  # Cut short mid-write.
+  (tmp_path / "s" / "ckpt").write_text("half")
+  run_step(str(tmp_path), "s", {"lr": 1}, lambda d: {"empty": not os.path.exists(f"{d}/ckpt")})
+  assert json.load(open(tmp_path / "s" / "DONE.json"))["summary"]["empty"]
+  assert (tmp_path / "s.old-unknown-2" / "ckpt").read_text() == "half"

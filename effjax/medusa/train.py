@@ -289,7 +289,8 @@ def evaluate_heads(lm_params, head_params, lm_config: LMConfig, heads_config: He
   rank_acc = hist_sum / np.maximum(count_sum, 1)[:, None]  # [K, R]
   chain_acc = chain_sum / np.maximum(chain_n, 1)[:, None]  # [K, R]
   return {"head_top1": rank_acc[:, 0].tolist(), "head_top5": rank_acc[:, :5].sum(-1).tolist(),
-          "head_ce": (ce_sum / np.maximum(count_sum, 1)).tolist(), "rank_accuracy": rank_acc.tolist(),
+          "head_ce": (ce_sum / np.maximum(count_sum, 1)).tolist(),
+          "rank_accuracy": rank_acc.tolist(),
           "chain_rank_accuracy": chain_acc.tolist(), "chain_count": chain_n.tolist()}
 
 

@@ -1,12 +1,12 @@
 """Choosing the Medusa tree size for this machine by timing Medusa decoding itself.
 
-A tree of T tokens accepts more as T grows, but what its verification pass costs is a property of the
-hardware: about one decode step for any T up to ~64 on a memory-bound accelerator, 1.1-2.3 steps for
-4-16 tokens on a 2-core CPU, where each round also pays ~0.8 steps for the heads, acceptance and
-cache compaction. A cost model of the pass alone picked trees too small here (6 tokens where 8 ran
-16% faster), so `tune_tree` times the real decoding loop: for each candidate size, the best tree of
-that size (`best_tree` on the heads' measured accuracies) decodes a few calibration prompts, and the
-fastest wins. Compiling one tree size takes ~2 s on 2 CPU cores.
+A tree of T tokens accepts more as T grows, but what its verification pass costs is a property of
+the hardware: about one decode step for any T up to ~64 on a memory-bound accelerator, 1.0-2.4
+steps for 4-16 tokens on a 2-core CPU, where each round also pays ~0.8 steps for the heads,
+acceptance and cache compaction. A cost model of the pass alone picked trees too small here (6
+tokens where 8 ran 16% faster), so `tune_tree` times the real decoding loop: for each candidate
+size, the best tree of that size (`best_tree` on the heads' measured accuracies) decodes a few
+calibration prompts, and the fastest wins. Compiling one tree size takes ~2 s on 2 CPU cores.
 
 Calibrate on prompts other than the ones you report on, or the choice is fitted to them.
 """

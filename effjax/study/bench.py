@@ -163,8 +163,12 @@ def run(config, trained: dict, step_dir: str) -> dict:
     row["tokens_per_s"] = len(prompt_sets) * batch * n_new / t
     rows.append(row)
   for row in rows:
-    base = ar_time.get((row["batch"], "greedy" if row["sampling"] == "typical"
-                        else row["sampling"]))
+    # Typical acceptance samples at T = 1: its baseline is sampled autoregressive decoding at T = 1
+    # (greedy's if that was not run).
+    sampling = row["sampling"]
+    if sampling == "typical":
+      sampling = "t=1" if (row["batch"], "t=1") in ar_time else "greedy"
+    base = ar_time.get((row["batch"], sampling))
     row["speedup"] = base / row["seconds"] if base else None
   if not drafts:
     notes.append("no draft model was trained: speculative rows are missing")

@@ -15,7 +15,7 @@ import os
 import platform
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -38,44 +38,68 @@ def _done_path(workdir: str, step: str) -> str:
   return os.path.join(workdir, step, "DONE.json")
 
 
+def _read_marker(path: str) -> Optional[dict]:
+  """A marker file's JSON; None if it is absent, {} if it cannot be read (a kill mid-write)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, default=float)
+  os.replace(tmp, path)  # Atomic: a kill leaves either no marker or a whole one.
+
+
 def run_step(workdir: str, step: str, cfg: Any, fn: Callable[[str], dict]) -> dict:
   """Runs `fn(step_dir)` unless a finished run with the same config is cached; returns its summary.
 
   The summary carries `config_hash`, which later steps put in their own configs, so retraining a
-  step reruns everything built on it. A step whose config changed starts in a fresh directory: the
-  old one is kept as `<step>.old-<hash>` (its checkpoints would not fit the new config, and nothing
-  is deleted). A killed run of the same config resumes in place from its checkpoints.
+  step reruns everything built on it. A killed run of the same config resumes in place from its
+  checkpoints. Anything else in the step's directory (a run of another config, or of unknown
+  config) is moved aside to `<step>.old-<hash>`, never deleted, and the step starts clean: old
+  checkpoints would not fit the new config. Switching back to a config whose finished run was moved
+  aside restores it instead of training again.
   """
   step_dir = os.path.join(workdir, step)
-  done = _done_path(workdir, step)
-  started = os.path.join(step_dir, "STARTED.json")
+  done, started = _done_path(workdir, step), os.path.join(step_dir, "STARTED.json")
   digest = _hash(cfg)
-  old_hash = None
-  for marker in (done, started):
-    if old_hash is None and os.path.exists(marker):
-      with open(marker) as f:
-        cached = json.load(f)
-      if marker == done and cached.get("config_hash") == digest:
-        log.info("[study] %s: done already (%s), skipping", step, done)
-        return dict(cached["summary"], config_hash=digest)
-      old_hash = cached.get("config_hash")
-  if old_hash is not None and old_hash != digest:
-    aside = f"{step_dir}.old-{old_hash}"
-    shutil.rmtree(aside, ignore_errors=True)  # An older copy of that very config, if any.
+
+  def finished(directory):  # The summary if `directory` holds a finished run of this config.
+    marker = _read_marker(os.path.join(directory, "DONE.json"))
+    return marker["summary"] if marker and marker.get("config_hash") == digest else None
+
+  summary = finished(step_dir)
+  if summary is not None:
+    log.info("[study] %s: done already (%s), skipping", step, done)
+    return dict(summary, config_hash=digest)
+  marker = _read_marker(done) or _read_marker(started)
+  occupied = os.path.isdir(step_dir) and bool(os.listdir(step_dir))
+  if occupied and (marker or {}).get("config_hash") != digest:
+    aside = f"{step_dir}.old-{(marker or {}).get('config_hash') or 'unknown'}"
+    suffix = 1
+    while os.path.exists(aside + (f"-{suffix}" if suffix > 1 else "")):
+      suffix += 1
+    aside += f"-{suffix}" if suffix > 1 else ""
     os.replace(step_dir, aside)
-    log.info("[study] %s: config changed since the last run; the old run is kept in %s and the "
-             "step runs again", step, aside)
+    log.info("[study] %s: the directory holds another config's run; kept in %s", step, aside)
+  previous = f"{step_dir}.old-{digest}"
+  if not os.path.exists(step_dir) and finished(previous) is not None:
+    os.replace(previous, step_dir)
+    log.info("[study] %s: restored this config's finished run from %s", step, previous)
+    return dict(finished(step_dir), config_hash=digest)
   os.makedirs(step_dir, exist_ok=True)
-  with open(started, "w") as f:
-    json.dump({"config_hash": digest}, f)
+  _write_json(started, {"config_hash": digest})
   start = time.time()
   log.info("[study] %s: running in %s", step, step_dir)
   summary = fn(step_dir)
   summary = dict(summary, seconds=round(time.time() - start, 1))
-  tmp = done + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump({"config_hash": digest, "summary": summary}, f, indent=1, default=float)
-  os.replace(tmp, done)  # Atomic: a kill leaves either no marker or a whole one.
+  _write_json(done, {"config_hash": digest, "summary": summary})
   return dict(summary, config_hash=digest)
 
 

@@ -27,8 +27,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TABLE_COLUMNS = ("method", "draft", "sampling", "gamma", "tree_size", "batch", "tokens_per_s", "speedup",
-                 "tar", "tau",
+TABLE_COLUMNS = ("method", "draft", "sampling", "gamma", "tree_size", "batch", "tokens_per_s",
+                 "speedup", "tar", "tau",
                  "alpha", "passes_per_token", "predicted_speedup", "verify_cost",
                  "predicted_speedup_verify")
 
