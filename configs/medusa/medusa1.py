@@ -13,13 +13,12 @@ heads before it were right) feeds the tree builder.
   Hardware: 2 CPU cores (idle). Runtime: 123 s as the main job's Medusa step in a fresh clone
   (2026-11-30 07:35 UTC: the data ~10 s, 300 steps of batch 16 x 128 bytes, evaluation). Result
   (that run's WORKDIR/medusa.json): heads 0-5 top-1 0.93 / 0.92 / 0.91 / 0.91 / 0.92 / 0.91 on
-  held-out continuations, 0.93-0.99 given the earlier heads were right; on corpus text
-  0.36 / 0.31 / 0.28 / 0.26 / 0.25 / 0.24 (the :corpus variant's
-  heads: 0.40 / 0.35 / 0.32 / 0.31 for four heads). This small target's greedy continuations fall
-  into loops within a few bytes (runs of spaces, "0", "the "), which is what makes them this
-  predictable. Decoding with
-  them: benchmarks/RESULTS.md, "Medusa" (batch 1 greedy 2.5-2.95x with a tree of 8). Training uses
-  every position, the prompts' corpus bytes included; accuracies count only what the backbone wrote.
+  held-out continuations, 0.93-0.99 given the earlier heads were right; on corpus text 0.36 / 0.31
+  / 0.28 / 0.26 / 0.25 / 0.24 (the :corpus variant's heads: 0.40 / 0.35 / 0.32 / 0.31 for four
+  heads). This small target's greedy continuations fall into loops within a few bytes (runs of
+  spaces, "0", "the "), which is what makes them this predictable. Training uses every position,
+  the prompts' corpus bytes included; accuracies count only what the backbone wrote. Decoding with
+  these heads: benchmarks/RESULTS.md, "Medusa" (batch 1 greedy 2.5-2.95x with a tree of 8).
 
 Variants:
   :tiny       lm/tiny with a random backbone (no checkpoint needed), 40 documents, 4 steps:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import time
 from typing import Any, Callable, Optional
 
