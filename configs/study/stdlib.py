@@ -17,9 +17,11 @@ autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 
   target's own greedy continuations, tree of 8 tokens picked by timing trees of 4-32, tau 6.8),
   typical acceptance at T = 1 2.50x over sampled autoregressive decoding at T = 1; greedy
   speculative decoding 2.25x (scratch draft, gamma 8, tau 6.1), 1.46x with the distilled draft
-  (gamma 4); exact sampling at temperature 1 up to 1.72x (distilled draft, gamma 4). On a CPU the
-  (gamma + 1)-token verification pass cost 0.9-1.5 target steps at batch 1 in that run (up to 2.2
-  in others) and 1.3-3.4 at batch 4, which the report's second prediction accounts for.
+  (gamma 4); exact sampling at temperature 1 up to 1.72x (distilled draft, gamma 4). A second
+  fresh clone at 08:14 (11.9 min) measured the same rows at 2.58x / 2.51x / 1.72x / 1.18x / 1.55x.
+  On a CPU the (gamma + 1)-token verification pass cost 0.9-1.5 target steps at batch 1 in the
+  07:29 run (up to 2.2 in others) and 1.3-3.4 at batch 4, which the report's second prediction
+  accounts for.
 
 Variants:
 
