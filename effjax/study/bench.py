@@ -105,6 +105,9 @@ def run(config, trained: dict, step_dir: str) -> dict:
                   for batch in b.batch_sizes for gamma in (b.gammas if drafts else ())}
   ar_time: dict = {}
   medusa_trees: dict = {}  # batch -> (tree, tuning table or None)
+  if "medusa" in trained:
+    from effjax.medusa import experiment as medusa_exp
+    medusa_heads = medusa_exp.load_heads(trained["medusa"]["workdir"], target_cfg)  # Read once.
   view_html, view_text = "", ""
   rng = jax.random.PRNGKey(b.seed)
   for method, batch, s_name, d_name, gamma in tqdm(jobs, desc="bench", unit="run"):
@@ -137,8 +140,7 @@ def run(config, trained: dict, step_dir: str) -> dict:
         view_text = spec_view.render_terminal(record, 0, token_str=tok.token_str)
     else:
       from effjax.medusa import decode as medusa_decode
-      from effjax.medusa import experiment as medusa_exp
-      heads, info = medusa_exp.load_heads(trained["medusa"]["workdir"], target_cfg)
+      heads, info = medusa_heads
       if batch not in medusa_trees:
         # Calibrated on the next validation documents, not on the prompts measured here.
         calibration = validation_prompts(2 * len(prompts_all), b.prompt_len)[len(prompts_all):]
