@@ -109,12 +109,14 @@ def _custom_calls(cfg, params, tokens, cache):
 
 
 def test_streaming_hint_follows_the_models_weight_bytes(monkeypatch):
-  """Models larger than the last-level cache ask for the streaming order; small ones do not."""
-  small = registry.get("lm/small")  # ~19 MB of float32 weights
-  large = small.replace(d_model=512, num_layers=10, head_dim=64, mlp_dim=1536)  # ~126 MB
-  assert not small.weights_stream() and large.weights_stream()
+  """Models larger than the cores' L2 caches ask for the streaming order; small ones do not."""
+  draft = registry.get("lm/draft")  # ~1.7 MB of float32 weights
+  small = registry.get("lm/small")  # ~19 MB
+  assert not draft.weights_stream() and small.weights_stream()
   monkeypatch.setenv("EFFJAX_STREAMING_WEIGHT_BYTES", str(1 << 20))
-  assert small.weights_stream()
+  assert draft.weights_stream()
+  monkeypatch.setenv("EFFJAX_STREAMING_WEIGHT_BYTES", str(64 << 20))
+  assert not small.weights_stream()
   tiny = registry.get("lm/tiny")
   params = lm.init_params(tiny, jax.random.PRNGKey(0))
   text = jax.jit(lambda p, t, c: lm.LM(tiny).apply(p, t, cache=c).logits).lower(

@@ -239,9 +239,9 @@ def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
   Call it once after loading, outside jit, and decode with the result: cached calls then read
   each weight panel front to back (effjax.ops.few_row_matmul.pack), with the same results bit for
   bit, at the price of a second copy of the weights in memory. Measured end to end
-  (benchmarks/decode.py, RESULTS.md) it pays for models whose weights stream from DRAM every step
-  (`LMConfig.weights_stream`: 1.05-1.22x faster generation for the 126 MB `large` model) and not
-  measurably for ones the last-level cache holds, so for those it is a no-op unless `force` - as
+  (benchmarks/decode.py, RESULTS.md) it pays for models whose weights stream past the cores'
+  caches every step (`LMConfig.weights_stream`: 1.05-1.22x faster generation for the 126 MB
+  `large` model) and not for ones the L2 caches hold, so for those it is a no-op unless `force` - as
   it is when the copies are there already, or where the kernel does not serve this config (other
   backends, bfloat16, matmul_impl "xla"). A no-op still returns `{"params": ...}` variables.
 

@@ -6,13 +6,13 @@ speculative draft, up to 65 for a Medusa tree) by every weight matrix of the mod
 (`cpu_kernels/few_row_matmul.cc`) holds up to 6 rows' accumulators in registers while it streams
 a weight panel once, split over XLA's intra-op threads. For models whose weights come from DRAM
 every step (`streams_from_memory`), rows past the first three reuse each block of weight rows from
-L1 instead of reading it again in narrow pieces.
+L1 instead of reading it again in narrow pieces, and prefetch the next block into L2 meanwhile.
 
 Packed weights (`pack`): the same elements reordered into 128-column panels, each a contiguous
 [K, 128] block, so a tile streams its panel front to back; same results bit for bit. Whole
-generations with the 126 MB `large` model of benchmarks/decode.py run 1.05-1.22x faster on them,
-the 19 MB lm/small (cache-resident) no faster measurably (RESULTS.md), so `effjax.models.lm.
-pack_weights`, which loaders call once, packs only models whose weights stream from DRAM.
+generations with the 126 MB `large` model of benchmarks/decode.py run 1.05-1.22x faster on them
+(RESULTS.md), so `effjax.models.lm.pack_weights`, which loaders call once, packs models whose
+weights stream (lm/small's 19 MB included), and leaves ones the L2 caches hold alone.
 
 Exactness: each output element is computed by the same sequence of float operations whatever the
 number of rows or the row's place among them (the kernel's contract; `tests/test_few_row_matmul.py`
@@ -37,11 +37,12 @@ import jax.numpy as jnp
 from effjax.ops import cpu_ffi
 
 MAX_TOKENS_PER_ROW = 80  # Covers speculative verification (gamma + 1) and Medusa trees (<= 65).
-# Models with more float32 weight bytes than this read them from DRAM on every decode step on
-# typical CPUs (last-level caches of 16-64 MB; the 126 MB `large` model of benchmarks/decode.py
-# does here although the VM reports 480 MB of L3); the 19 MB lm/small stays cached.
-# EFFJAX_STREAMING_WEIGHT_BYTES overrides it.
-STREAMING_WEIGHT_BYTES = 48 << 20
+# Models with more float32 weight bytes than this do not stay in the cores' own caches (L2s of
+# 1-2 MB per core) between decode steps, so each step streams them from the shared L3 or DRAM at
+# DRAM-like rates: lm/small (19 MB) decodes at 29 GB/s here although the VM reports 480 MB of L3,
+# and runs 12-18% faster streamed and packed (RESULTS.md, 2026-11-30 10:40); the 1.7 MB lm/draft
+# stays in L2. EFFJAX_STREAMING_WEIGHT_BYTES overrides it.
+STREAMING_WEIGHT_BYTES = 8 << 20
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "few_row_matmul.cc")
 _TARGET = "effjax_few_row_matmul"
