@@ -169,6 +169,9 @@ def main(argv=None):
       sets = [prompts[i:i + 1] for i in range(4)] if batch == 1 else [prompts[:batch]]
       cost = metrics_lib.measure_cost_ratio(target, t_cfg, d_params, d_cfg, batch=batch,
                                             context=64, cache_len=256, iters=20)["cost_ratio"]
+      # The adaptive rule's price of a (max gamma + 1)-token verification pass, in target steps.
+      verify_cost = metrics_lib.verify_cost_ratio(target, t_cfg, max(gammas), batch=batch,
+                                                  context=64, cache_len=256)
       for temp in temps:
         sampling = SamplingParams(temperature=temp)
         rng = jax.random.key(0)
@@ -178,7 +181,8 @@ def main(argv=None):
         for gamma, adaptive in [(g, False) for g in gammas] + [(max(gammas), True)]:
           spec_s, outs = metrics_lib.median_seconds_over_sets(lambda p: speculative_generate(
               target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
-              sampling=sampling, rng=rng, adaptive=adaptive, cost_ratio=cost), sets, reps)
+              sampling=sampling, rng=rng, adaptive=adaptive, cost_ratio=cost,
+              verify_cost=verify_cost if adaptive else 1.0), sets, reps)
           merged, lengths = metrics_lib.merge_rows(outs)
           s = metrics_lib.summarize(merged, lengths, cost_ratio=cost, measured_speedup=ar_s / spec_s)
           row = {"draft": name, "temperature": temp, "batch": batch,
@@ -188,6 +192,9 @@ def main(argv=None):
                  "alpha": round(s["alpha"], 3), "tau": round(s["tau"], 3),
                  "passes_per_token": round(s["target_passes_per_token"], 3),
                  "cost_ratio": round(cost, 4)}
+          if adaptive:
+            row["verify_cost"] = round(verify_cost, 3)
+            row["mean_gamma"] = round(s["mean_gamma"], 2)
           if temp == 0.0:
             row["lossless"] = all(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
                                   for a, b in zip(outs, ar_outs))

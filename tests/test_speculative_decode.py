@@ -163,6 +163,22 @@ def test_adaptive_gamma_grows_for_a_good_draft_and_shrinks_for_a_bad_one(models)
   assert g_good[0] == 3 and g_good[-1] == 6, g_good
   assert g_bad[-1] == 1, g_bad
 
+def test_adaptive_gamma_pays_the_verification_pass_whatever_gamma_it_drafts(models):
+  """Drafting as dear as a target step makes one-token drafts best when verification costs one
+  step; a costly pass (a CPU's), paid in full whatever gamma a round drafts, makes longer ones best."""
+  cfg, target, _, close = models
+  prompts, lengths = prompts_for(4)
+  ref = generate(target, cfg, prompts, lengths, max_new_tokens=40)
+  kw = dict(gamma=6, max_new_tokens=40, adaptive=True, cost_ratio=1.0, record_rounds=True)
+  last_gamma = {}
+  for v in (1.0, 1000.0):
+    out = spec(target, cfg, close, cfg, prompts, lengths, verify_cost=v, **kw)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    last_gamma[v] = int(np.asarray(out.rounds.gamma)[int(out.rounds.num_rounds) - 1])
+  assert last_gamma[1.0] == 1 and last_gamma[1000.0] > 1, last_gamma
+  with pytest.raises(ValueError, match="verify_cost"):
+    spec(target, cfg, close, cfg, prompts, lengths, verify_cost=0.0, **kw)
+
 
 def test_record_and_views_reconstruct_the_output(models):
   cfg, target, _, close = models

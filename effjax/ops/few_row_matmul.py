@@ -39,9 +39,10 @@ from effjax.ops import cpu_ffi
 MAX_TOKENS_PER_ROW = 80  # Covers speculative verification (gamma + 1) and Medusa trees (<= 65).
 # Models with more float32 weight bytes than this do not stay in the cores' own caches (L2s of
 # 1-2 MB per core) between decode steps, so each step streams them from the shared L3 or DRAM at
-# DRAM-like rates: lm/small (19 MB) decodes at 29 GB/s here although the VM reports 480 MB of L3,
-# and runs 12-18% faster streamed and packed (RESULTS.md, 2026-11-30 10:40); the 1.7 MB lm/draft
-# stays in L2. EFFJAX_STREAMING_WEIGHT_BYTES overrides it.
+# DRAM-like rates: lm/small (19 MB) decodes at ~29 GB/s here although the VM reports 480 MB of
+# L3, and generates 3-9% faster streamed and packed (plain and speculative, batch 1 and 4;
+# RESULTS.md, few-row matmul section); the 1.7 MB lm/draft stays in L2.
+# EFFJAX_STREAMING_WEIGHT_BYTES overrides it.
 STREAMING_WEIGHT_BYTES = 8 << 20
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "few_row_matmul.cc")

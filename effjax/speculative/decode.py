@@ -139,19 +139,26 @@ class LoopState:
   record: Optional[RoundRecord]
 
 
-def predicted_speedup(alpha, gamma, cost_ratio):
-  """Leviathan et al.: (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + 1)), with the alpha -> 1 limit."""
+def predicted_speedup(alpha, gamma, cost_ratio, verify_cost=1.0):
+  """Leviathan et al.: (1 - alpha^(gamma+1)) / ((1 - alpha)(gamma c + v)), with the alpha -> 1 limit.
+
+  v, the verification pass's cost in target steps, is 1 in the paper.
+  """
   alpha = jnp.clip(jnp.asarray(alpha, jnp.float32), 0.0, 1.0)
   gamma = jnp.asarray(gamma, jnp.float32)
   safe = jnp.where(alpha < 1.0 - 1e-6, alpha, 0.5)
   tokens = jnp.where(alpha < 1.0 - 1e-6, (1.0 - safe ** (gamma + 1.0)) / (1.0 - safe), gamma + 1.0)
-  return tokens / (gamma * cost_ratio + 1.0)
+  return tokens / (gamma * cost_ratio + verify_cost)
 
 
-def _best_gamma(alpha, max_gamma: int, cost_ratio: float):
-  """The gamma in 1..max_gamma that maximises the predicted speedup at this alpha."""
+def _best_gamma(alpha, max_gamma: int, cost_ratio: float, verify_cost: float):
+  """The gamma in 1..max_gamma that maximises the predicted speedup at this alpha.
+
+  Every round verifies max_gamma + 1 tokens (the pass's width is static), so one verify_cost
+  prices every candidate: a smaller gamma saves draft steps, never verification work.
+  """
   gammas = jnp.arange(1, max_gamma + 1, dtype=jnp.int32)
-  return gammas[jnp.argmax(predicted_speedup(alpha, gammas, cost_ratio))]
+  return gammas[jnp.argmax(predicted_speedup(alpha, gammas, cost_ratio, verify_cost))]
 
 
 def _draft_sample(key, logits, sampling: SamplingParams):
@@ -179,6 +186,8 @@ class SpecLoop:
     pad_id: filler in the output after a row's end.
     adaptive: choose each round's gamma in 1..gamma from a running acceptance estimate.
     cost_ratio: draft/target step cost c used by the adaptive rule.
+    verify_cost: the (gamma + 1)-token verification pass's cost in target steps, for the adaptive
+      rule (1 in the paper; ~1.5 on a CPU at gamma 8).
     record_rounds: also keep a `RoundRecord`.
     declare_q: test hook that replaces the q handed to verification (a wrong q must break exactness).
   """
@@ -186,12 +195,13 @@ class SpecLoop:
   def __init__(self, target_fwd: ForwardFn, draft_fwd: ForwardFn, *, gamma: int,
                max_new_tokens: int, sampling: SamplingParams, eos_id: Optional[int] = None,
                pad_id: int = 0, adaptive: bool = False, cost_ratio: float = 0.1,
-               record_rounds: bool = False,
+               verify_cost: float = 1.0, record_rounds: bool = False,
                declare_q: Optional[Callable[[jax.Array], jax.Array]] = None):
     self.target_fwd, self.draft_fwd = target_fwd, draft_fwd
     self.gamma, self.max_new_tokens, self.sampling = int(gamma), int(max_new_tokens), sampling
     self.eos_id, self.pad_id, self.adaptive = eos_id, pad_id, adaptive
     self.cost_ratio, self.record_rounds, self.declare_q = cost_ratio, record_rounds, declare_q
+    self.verify_cost = float(verify_cost)
     self.max_rounds = self.max_new_tokens  # Every active row emits at least one token per round.
 
   def init(self, target_cache, draft_cache, prompts: jax.Array, prompt_lengths: jax.Array,
@@ -329,7 +339,7 @@ class SpecLoop:
       n_off = jnp.sum(offered)
       observed = jnp.sum(alpha_round) / jnp.maximum(n_off, 1)
       alpha_ema = jnp.where(n_off > 0, 0.7 * s.alpha_ema + 0.3 * observed, s.alpha_ema)
-      next_gamma = _best_gamma(alpha_ema, g, cost_ratio)
+      next_gamma = _best_gamma(alpha_ema, g, cost_ratio, self.verify_cost)
 
     record = s.record
     if record is not None:
@@ -429,17 +439,17 @@ def check_pair(target_cfg: LMConfig, draft_cfg: LMConfig, gamma: Any = 1, *,
 
 @functools.partial(jax.jit, static_argnames=(
     "target_cfg", "draft_cfg", "gamma", "max_new_tokens", "sampling", "eos_id", "pad_id",
-    "adaptive", "cost_ratio", "record_rounds", "cache_len"))
+    "adaptive", "cost_ratio", "verify_cost", "record_rounds", "cache_len"))
 def _speculative_jit(target_params, draft_params, prompts, prompt_lengths, rng, *, target_cfg,
                      draft_cfg, gamma, max_new_tokens, sampling, eos_id, pad_id, adaptive,
-                     cost_ratio, record_rounds, cache_len) -> SpecOutput:
+                     cost_ratio, verify_cost, record_rounds, cache_len) -> SpecOutput:
   b = prompts.shape[0]
   return run_loop(
       lm_forward(target_params, target_cfg), lm_forward(draft_params, draft_cfg),
       init_cache(target_cfg, b, cache_len), init_cache(draft_cfg, b, cache_len), prompts,
       prompt_lengths, rng, gamma=gamma, max_new_tokens=max_new_tokens, sampling=sampling,
       eos_id=eos_id, pad_id=pad_id, adaptive=adaptive, cost_ratio=cost_ratio,
-      record_rounds=record_rounds)
+      verify_cost=verify_cost, record_rounds=record_rounds)
 
 
 def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draft_cfg: LMConfig,
@@ -447,8 +457,9 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
                          sampling: SamplingParams = SamplingParams(),
                          rng: Optional[jax.Array] = None, eos_id: Optional[int] = None,
                          pad_id: int = 0, adaptive: bool = False,
-                         cost_ratio: Optional[float] = None, record_rounds: bool = False,
-                         target_tokenizer: Any = None, draft_tokenizer: Any = None) -> SpecOutput:
+                         cost_ratio: Optional[float] = None, verify_cost: float = 1.0,
+                         record_rounds: bool = False, target_tokenizer: Any = None,
+                         draft_tokenizer: Any = None) -> SpecOutput:
   """Generates with a draft proposing and the target verifying, in one compiled program.
 
   Greedy output equals the target's plain greedy output (exactly, in float32 with
@@ -468,6 +479,10 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
       acceptance estimate.
     cost_ratio: draft/target step cost c for the adaptive rule (default: the parameter-count ratio;
       pass `metrics.measure_cost_ratio(...)` for a measured one).
+    verify_cost: the (gamma + 1)-token verification pass's cost in target steps, for the adaptive
+      rule (default 1, the paper's and an accelerator's; on a CPU it is ~1.5 at gamma 8:
+      `metrics.verify_cost_ratio` measures it). It leans the rule towards longer drafts: a round
+      verifies gamma + 1 tokens whichever gamma it drafts, so only the draft steps shrink.
     record_rounds: also return each round's drafts and decisions (for `view.py`).
     target_tokenizer, draft_tokenizer: optional tokenizers (or names) checked for equality.
 
@@ -511,10 +526,14 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
   cache_len = bucket_length(p_pad + max_new_tokens + gamma + 1)
   if cost_ratio is None:
     cost_ratio = draft_cfg.num_params() / target_cfg.num_params()
+  if not verify_cost > 0:
+    raise ValueError(f"verify_cost={verify_cost!r} must be a positive number of target steps (1 "
+                     "when a (gamma + 1)-token pass costs one decode step)")
   rng = jax.random.key(0) if rng is None else rng
   return _speculative_jit(
       target_params, draft_params, jnp.asarray(block), jnp.asarray(lengths_np), rng,
       target_cfg=target_cfg, draft_cfg=draft_cfg, gamma=int(gamma),
       max_new_tokens=int(max_new_tokens), sampling=sampling,
       eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id), adaptive=bool(adaptive),
-      cost_ratio=float(cost_ratio), record_rounds=bool(record_rounds), cache_len=int(cache_len))
+      cost_ratio=float(cost_ratio), verify_cost=float(verify_cost) if adaptive else 1.0,
+      record_rounds=bool(record_rounds), cache_len=int(cache_len))

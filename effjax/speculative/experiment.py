@@ -103,11 +103,13 @@ def machine() -> dict:
 
 
 def measure(target, t_cfg, draft, d_cfg, prompts, *, gamma, max_new_tokens, sampling, rng, reps,
-            adaptive=False, cost_ratio=None, ar_time=None, ar_tokens=None) -> dict:
+            adaptive=False, cost_ratio=None, verify_cost=1.0, ar_time=None,
+            ar_tokens=None) -> dict:
   """One table row: speculative vs autoregressive time and the loop's metrics."""
   run = lambda: speculative_generate(target, t_cfg, draft, d_cfg, prompts,
                                      gamma=gamma, max_new_tokens=max_new_tokens, sampling=sampling,
-                                     rng=rng, adaptive=adaptive, cost_ratio=cost_ratio)
+                                     rng=rng, adaptive=adaptive, cost_ratio=cost_ratio,
+                                     verify_cost=verify_cost)
   spec_t = median_time(lambda: run().tokens, reps)
   out = run()
   if ar_time is None:
@@ -147,6 +149,11 @@ def run(config, workdir: str) -> dict:
     else:  # Smoke runs: the parameter-count ratio stands in for the measured c.
       costs = {name: {"cost_ratio": d_cfg.num_params() / t_cfg.num_params()}
                for name, (d_cfg, _) in drafts.items()}
+    verify_cost = 1.0  # The adaptive rule's price of a verification pass, measured when timing.
+    if config.adaptive and config.cost_iters > 0:
+      verify_cost = metrics_lib.verify_cost_ratio(
+          target, t_cfg, max(config.gammas), batch=batch, context=config.prompt_len,
+          cache_len=config.prompt_len + config.max_new_tokens + 16, iters=config.cost_iters)
     for temp in config.temperatures:
       sampling = SamplingParams(temperature=float(temp), top_p=float(config.top_p))
       ar_out = generate(target, t_cfg, prompts, max_new_tokens=config.max_new_tokens,
@@ -162,7 +169,8 @@ def run(config, workdir: str) -> dict:
         for gamma, adaptive in settings:
           row = measure(target, t_cfg, d_params, d_cfg, prompts, gamma=gamma,
                         max_new_tokens=config.max_new_tokens, sampling=sampling, rng=rng,
-                        reps=config.timing_reps, adaptive=adaptive, cost_ratio=c, ar_time=ar_time,
+                        reps=config.timing_reps, adaptive=adaptive, cost_ratio=c,
+                        verify_cost=verify_cost, ar_time=ar_time,
                         ar_tokens=ar_out.tokens if sampling.greedy else None)
           row.update(draft=name, T=float(temp), batch=batch,
                      gamma=f"{gamma}a" if adaptive else gamma,
