@@ -138,7 +138,8 @@ inline const float* weight_row(const Problem& p, int64_t k0, int64_t c0, int64_t
 // the memory bus idle. The narrow tiles therefore ask for the next block's cache lines as they go,
 // a few per k step (into L2: prefetching into L1 would evict the block they are using), so the
 // next block's reads overlap this block's arithmetic: 20-22% faster at 8-20 rows on 3 MB weight
-// matrices from DRAM, 6% at 9 rows on lm/small's 0.8 MB ones (benchmarks/few_row_matmul.py).
+// matrices from DRAM, 6-8% at 9-20 rows on lm/small's 0.8 MB ones (RESULTS.md, "Prefetching the
+// next block").
 struct Prefetch {
   const char* row = nullptr;  // The weight row being fetched (nullptr: nothing left to fetch).
   int64_t row_bytes = 0;      // Bytes of it the tile reads.
@@ -251,9 +252,14 @@ void nn_unit(const Problem& p, int64_t unit, bool stream) {
   // Tiles the rows past the first kWideRows take per block (nn_row_groups' split), to spread the
   // next block's prefetches over their k steps.
   constexpr int64_t kNarrow = kNarrowVecs * kLanes;
-  const int64_t rest = p.m - kWideRows;
-  const int64_t tiles = rest <= kWideRows ? 1
-                        : (rest + kMaxRows - 1) / kMaxRows * ((width + kNarrow - 1) / kNarrow);
+  int64_t tiles = 0;
+  for (int64_t left = p.m - kWideRows; left > 0; left -= std::min<int64_t>(kMaxRows, left)) {
+    if (left <= kWideRows) {
+      tiles += 1;
+      break;
+    }
+    tiles += (width + kNarrow - 1) / kNarrow;
+  }
   for (int64_t k0 = 0; k0 < p.k; k0 += kKBlock) {
     const int64_t k1 = std::min(p.k, k0 + kKBlock);
     nn_rows<kWideVecs>(p, 0, kWideRows, c0, width, k0, k1);  // Reads the block from memory.
