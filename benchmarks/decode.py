@@ -2,8 +2,8 @@ r"""Greedy decoding speed on CPU: effjax's one-jit engine against transformers, 
 
 The same random weights run in both (effjax params exported with `effjax.interop.hf_llama`), on the
 same prompts (128 random bytes), greedy, 128 new tokens, no early stop, batch 1 and 8, for two sizes:
-`small` (~4.8M parameters, 19 MB in float32: fits the last-level cache) and `large` (~32M, 126 MB:
-several times the LLC). Reported: end-to-end tokens/s (prefill included, compilation and warm-up
+`small` (~4.8M parameters, 19 MB in float32: fits the last-level cache, not the L2s) and `large`
+(~32M, 126 MB: several times the LLC). Reported: end-to-end tokens/s (prefill included, compilation and warm-up
 excluded), medians over repeats (effjax and transformers timed in alternation, so load drifting
 on a shared machine hits both alike), the effjax/transformers ratio, and effjax's fraction of
 this machine's roofline. Also timed in the same alternation: effjax with `attention_impl="xla"`
@@ -22,8 +22,8 @@ floor of one generation is
   prefill: max(weight bytes / bw, 2 * B * P * matmul params / flops)
   + for each decode step at context c: max((weight bytes + KV bytes(c)) / bw,
                                            (2 * B * matmul params + 4 * B * c * N * H * L) / flops)
-and effjax's fraction = floor / measured time. For the LLC-resident `small` model the DRAM bandwidth
-is not its ceiling (weights come from cache), so its fraction can exceed 1.
+and effjax's fraction = floor / measured time. For `small`, which the last-level cache could hold,
+the DRAM bandwidth need not be its ceiling, so its fraction can exceed 1.
 
   python benchmarks/decode.py            # full: 128/128 tokens, 5 repeats
   python benchmarks/decode.py --quick    # < 2 min: 128 prompt / 32 new tokens, 1 repeat

@@ -10,9 +10,9 @@ Two views, each timed in alternation (medians):
    threads), for M = 1, 2, 5, 9, 17, 33, 65.
 2. One cached lm/small decode step with T new tokens per row (1 = decoding; 2-9 = speculative
    verification; 17-65 = Medusa trees) at batch 1 and 4, `matmul_impl="auto"` (the kernel, with
-   the weights packed by `lm.pack_weights(force=True)`, which also reads them in blocks, and
-   without) against `"xla"`, and T tokens' cost in one-token steps: what the speculative speedup
-   formula assumes is 1.
+   the weights packed by `lm.pack_weights(force=True)`, and row-major; both read in blocks since
+   lm/small streams, 2026-11-30 09:30) against `"xla"`, and T tokens' cost in one-token steps:
+   what the speculative speedup formula assumes is 1.
 
   python benchmarks/few_row_matmul.py           # ~3 min
   python benchmarks/few_row_matmul.py --quick   # ~40 s
@@ -90,7 +90,7 @@ def matmul_rows(rows, repeats):
 def step_costs(tokens, batches, iters):
   cfg = registry.get("lm/small")
   params = lm.random_params(cfg, 0)
-  # Once, as a loader would (forced: pack_weights skips cache-resident models by default).
+  # Once, as a loader would (forced, so the row set is the same whatever the streaming limit).
   packed = jax.block_until_ready(lm.pack_weights(params, cfg, force=True))
   runs = {"packed": (packed, cfg), "auto": (params, cfg),
           "xla": (params, cfg.replace(matmul_impl="xla"))}

@@ -184,7 +184,9 @@ def main(argv=None):
               sampling=sampling, rng=rng, adaptive=adaptive, cost_ratio=cost,
               verify_cost=verify_cost if adaptive else 1.0), sets, reps)
           merged, lengths = metrics_lib.merge_rows(outs)
-          s = metrics_lib.summarize(merged, lengths, cost_ratio=cost, measured_speedup=ar_s / spec_s)
+          s = metrics_lib.summarize(merged, lengths, cost_ratio=cost,
+                                    verify_cost=verify_cost if adaptive else None,
+                                    measured_speedup=ar_s / spec_s)
           row = {"draft": name, "temperature": temp, "batch": batch,
                  "gamma": f"{gamma}a" if adaptive else gamma, "ar_s": round(ar_s, 4),
                  "spec_s": round(spec_s, 4), "speedup": round(ar_s / spec_s, 3),
@@ -195,6 +197,8 @@ def main(argv=None):
           if adaptive:
             row["verify_cost"] = round(verify_cost, 3)
             row["mean_gamma"] = round(s["mean_gamma"], 2)
+            row["predicted_speedup_verify"] = round(s.get("predicted_speedup_verify", float("nan")),
+                                                    3)
           if temp == 0.0:
             row["lossless"] = all(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
                                   for a, b in zip(outs, ar_outs))

@@ -78,7 +78,7 @@ class LMConfig(Numerics):
             and few_row_matmul.unsupported_reason(self.compute_dtype, self.weight_dtype) is None)
 
   def weights_stream(self) -> bool:
-    """Whether decode steps read this model's weights from DRAM (a few-row matmul kernel hint)."""
+    """Whether decode steps stream this model's weights past the L2 caches (a few-row kernel hint)."""
     weight_bytes = self.num_params() * jnp.dtype(self.weight_dtype).itemsize
     return few_row_matmul.streams_from_memory(weight_bytes)
 

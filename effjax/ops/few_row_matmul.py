@@ -4,8 +4,8 @@ A decode step multiplies a handful of rows (batch x new tokens: 1-9 when decodin
 speculative draft, up to 65 for a Medusa tree) by every weight matrix of the model. XLA:CPU is
 1.5-2.4x slower than torch at 2-9 rows (RESULTS.md, "Where the time goes"); the kernel
 (`cpu_kernels/few_row_matmul.cc`) holds up to 6 rows' accumulators in registers while it streams
-a weight panel once, split over XLA's intra-op threads. For models whose weights come from DRAM
-every step (`streams_from_memory`), rows past the first three reuse each block of weight rows from
+a weight panel once, split over XLA's intra-op threads. For models whose weights stream past the
+cores' caches every step (`streams_from_memory`), rows past the first three reuse each block of weight rows from
 L1 instead of reading it again in narrow pieces, and prefetch the next block into L2 meanwhile.
 
 Packed weights (`pack`): the same elements reordered into 128-column panels, each a contiguous
@@ -37,12 +37,12 @@ import jax.numpy as jnp
 from effjax.ops import cpu_ffi
 
 MAX_TOKENS_PER_ROW = 80  # Covers speculative verification (gamma + 1) and Medusa trees (<= 65).
-# Models with more float32 weight bytes than this do not stay in the cores' own caches (L2s of
-# 1-2 MB per core) between decode steps, so each step streams them from the shared L3 or DRAM at
-# DRAM-like rates: lm/small (19 MB) decodes at ~29 GB/s here although the VM reports 480 MB of
-# L3, and generates 3-9% faster streamed and packed (plain and speculative, batch 1 and 4;
-# RESULTS.md, few-row matmul section); the 1.7 MB lm/draft stays in L2.
-# EFFJAX_STREAMING_WEIGHT_BYTES overrides it.
+# Models with more float32 weight bytes than this stream them past the cores' own caches on every
+# decode step. A split between the two sizes measured here: the 1.7 MB lm/draft stays in L2
+# (1-2 MB per core on typical CPUs, 2 MB here); lm/small (19 MB) decodes at ~29 GB/s, a DRAM
+# rate, although the VM reports 480 MB of L3, and streamed + packed + prefetched it generates 3-9%
+# faster (plain and speculative, batch 1 and 4; packing alone measured 0.94-1.09x, i.e. noise;
+# RESULTS.md, few-row matmul section). EFFJAX_STREAMING_WEIGHT_BYTES overrides it.
 STREAMING_WEIGHT_BYTES = 8 << 20
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "few_row_matmul.cc")
@@ -74,7 +74,7 @@ def unsupported_reason(x_dtype, w_dtype) -> Optional[str]:
 
 
 def streams_from_memory(weight_bytes: int) -> bool:
-  """Whether a model with `weight_bytes` of weights reads them from DRAM on every decode step."""
+  """Whether a model with `weight_bytes` of weights streams them past the L2 caches every step."""
   limit = int(os.environ.get("EFFJAX_STREAMING_WEIGHT_BYTES", STREAMING_WEIGHT_BYTES))
   return weight_bytes > limit
 

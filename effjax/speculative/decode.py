@@ -201,6 +201,9 @@ class SpecLoop:
     self.gamma, self.max_new_tokens, self.sampling = int(gamma), int(max_new_tokens), sampling
     self.eos_id, self.pad_id, self.adaptive = eos_id, pad_id, adaptive
     self.cost_ratio, self.record_rounds, self.declare_q = cost_ratio, record_rounds, declare_q
+    if not 0 < float(verify_cost) < float("inf"):
+      raise ValueError(f"verify_cost={verify_cost!r} must be a positive number of target steps (1 "
+                       "when a (gamma + 1)-token pass costs one decode step)")
     self.verify_cost = float(verify_cost)
     self.max_rounds = self.max_new_tokens  # Every active row emits at least one token per round.
 
@@ -526,9 +529,6 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
   cache_len = bucket_length(p_pad + max_new_tokens + gamma + 1)
   if cost_ratio is None:
     cost_ratio = draft_cfg.num_params() / target_cfg.num_params()
-  if not verify_cost > 0:
-    raise ValueError(f"verify_cost={verify_cost!r} must be a positive number of target steps (1 "
-                     "when a (gamma + 1)-token pass costs one decode step)")
   rng = jax.random.key(0) if rng is None else rng
   return _speculative_jit(
       target_params, draft_params, jnp.asarray(block), jnp.asarray(lengths_np), rng,

@@ -116,6 +116,7 @@ def measure(target, t_cfg, draft, d_cfg, prompts, *, gamma, max_new_tokens, samp
     ar_time = median_time(lambda: generate(target, t_cfg, prompts, max_new_tokens=max_new_tokens,
                                            sampling=sampling, rng=rng).tokens, reps)
   row = metrics_lib.summarize(out.metrics, out.lengths, cost_ratio=cost_ratio,
+                              verify_cost=verify_cost if adaptive else None,
                               measured_speedup=ar_time / spec_t)
   row.update(spec_ms=spec_t * 1e3, ar_ms=ar_time * 1e3)
   if ar_tokens is not None:

@@ -137,31 +137,34 @@ inline const float* weight_row(const Problem& p, int64_t k0, int64_t c0, int64_t
 // With `stream`, a block's first rows wait on memory while the others then compute from L1 with
 // the memory bus idle. The narrow tiles therefore ask for the next block's cache lines as they go,
 // a few per k step (into L2: prefetching into L1 would evict the block they are using), so the
-// next block's reads overlap this block's arithmetic: 20-22% faster at 8-20 rows on 3 MB weight
-// matrices from DRAM, 6-8% at 9-20 rows on lm/small's 0.8 MB ones (RESULTS.md, "Prefetching the
-// next block").
+// next block's reads overlap this block's arithmetic: 20-23% less time at 8-20 rows on 3 MB
+// weight matrices from DRAM, 6-8% at 9-20 rows on lm/small's 0.8 MB ones (RESULTS.md,
+// "Prefetching the next block").
 struct Prefetch {
   const char* row = nullptr;  // The weight row being fetched (nullptr: nothing left to fetch).
   int64_t row_bytes = 0;      // Bytes of it the tile reads.
   int64_t stride = 0;         // Bytes from one weight row to the next.
   int64_t rows_left = 0;
-  int64_t offset = 0;         // Next byte of `row` to ask for.
+  int64_t offset = 0;         // Next line to ask for, in bytes from the line holding `row`.
   int64_t per_step = 0;       // Cache lines to ask for per k step.
 
-  // The block of weight rows [k0, k1) of columns [c0, c0 + width), spread over `steps` k steps.
+  // `rows` weight rows from `first_row` on, `ld_bytes` apart, `width_bytes` of each, spread over
+  // `steps` k steps.
   Prefetch(const char* first_row, int64_t ld_bytes, int64_t width_bytes, int64_t rows,
            int64_t steps)
       : row(rows > 0 ? first_row : nullptr), row_bytes(width_bytes), stride(ld_bytes),
         rows_left(rows) {
-    const int64_t lines = rows * ((width_bytes + 63) / 64);
-    per_step = steps > 0 ? (lines + steps - 1) / steps : lines;
+    const int64_t lines = rows * ((width_bytes + 63) / 64 + 1);  // + 1: rows may straddle a line.
+    per_step = (lines + steps - 1) / std::max<int64_t>(steps, 1);
   }
 
   inline void step() {
     for (int64_t i = 0; i < per_step && row != nullptr; ++i) {
-      __builtin_prefetch(row + offset, /*rw=*/0, /*locality=*/2);
+      const uintptr_t start = reinterpret_cast<uintptr_t>(row);
+      const uintptr_t line = (start & ~uintptr_t{63}) + static_cast<uintptr_t>(offset);
+      __builtin_prefetch(reinterpret_cast<const void*>(line), /*rw=*/0, /*locality=*/2);
       offset += 64;
-      if (offset >= row_bytes) {
+      if (line + 64 >= start + static_cast<uintptr_t>(row_bytes)) {  // Past the row's last byte.
         offset = 0;
         row = --rows_left > 0 ? row + stride : nullptr;
       }
