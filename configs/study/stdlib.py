@@ -8,9 +8,10 @@ baseline and a distilled one) -> train Medusa-1 heads on the frozen target -> be
 autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
-  Hardware: 2 CPU cores (idle). Runtime: 11.3 min in a fresh clone, install (1.2 min) included:
-  target 148 s, drafts 145 s, Medusa 123 s, benchmark + report 3.2 min (8.4 min at 06:11 with
-  corpus-trained Medusa heads, a fixed tree and a faster machine); a rerun takes 2 s (every step
+  Hardware: 2 CPU cores (idle). Runtime: 11.3 min in a fresh clone at 07:29, install (1.2 min)
+  included: target 148 s, drafts 145 s, Medusa 123 s, benchmark + report 3.2 min; 14.1 min at
+  10:39 on a slower machine (target 169 s, drafts 177 s, Medusa 154 s, benchmark + report 4 min);
+  8.4 min at 06:11 with corpus-trained Medusa heads, a fixed tree and a faster machine; a rerun takes 2 s (every step
   cached; a step whose config changed runs again in a fresh directory, the old one kept beside it).
   Result (2026-11-30 07:29 UTC; benchmarks/RESULTS.md): target 2.81 validation bits per byte; at
   batch 1 (4 prompts in turn) Medusa-1 greedy 2.70x over autoregressive (six heads trained on the
@@ -18,7 +19,9 @@ autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 
   typical acceptance at T = 1 2.50x over sampled autoregressive decoding at T = 1; greedy
   speculative decoding 2.25x (scratch draft, gamma 8, tau 6.1), 1.46x with the distilled draft
   (gamma 4); exact sampling at temperature 1 up to 1.72x (distilled draft, gamma 4). A second
-  fresh clone at 08:14 (11.9 min) measured the same rows at 2.58x / 2.51x / 1.72x / 1.18x / 1.55x.
+  fresh clone at 08:14 (11.9 min) measured the same rows at 2.58x / 2.51x / 1.72x / 1.18x / 1.55x,
+  and one at 10:39 (lm/small streamed and packed) 3.32x / 2.27x / 2.25x / 1.47x / 1.23x, with
+  Medusa at batch 4 1.91x.
   On a CPU the (gamma + 1)-token verification pass cost 0.9-1.5 target steps at batch 1 in the
   07:29 run (up to 2.2 in others) and 1.3-3.4 at batch 4, which the report's second prediction
   accounts for.
