@@ -163,15 +163,18 @@ def main(argv=None):
   target = pack_weights(target, t_cfg)
   drafts = {name: (d_cfg, pack_weights(d, d_cfg)) for name, (d_cfg, d) in drafts.items()}
 
+  # The adaptive rule's price of a (max gamma + 1)-token verification pass, in target steps: a
+  # property of the target, so measured once per batch size, not once per draft.
+  verify_costs = {batch: metrics_lib.verify_cost_ratio(target, t_cfg, max(gammas), batch=batch,
+                                                       context=64, cache_len=256)
+                  for batch in batches}
   rows = []
   for name, (d_cfg, d_params) in drafts.items():
     for batch in batches:
       sets = [prompts[i:i + 1] for i in range(4)] if batch == 1 else [prompts[:batch]]
       cost = metrics_lib.measure_cost_ratio(target, t_cfg, d_params, d_cfg, batch=batch,
                                             context=64, cache_len=256, iters=20)["cost_ratio"]
-      # The adaptive rule's price of a (max gamma + 1)-token verification pass, in target steps.
-      verify_cost = metrics_lib.verify_cost_ratio(target, t_cfg, max(gammas), batch=batch,
-                                                  context=64, cache_len=256)
+      verify_cost = verify_costs[batch]
       for temp in temps:
         sampling = SamplingParams(temperature=temp)
         rng = jax.random.key(0)

@@ -178,6 +178,8 @@ def test_adaptive_gamma_pays_the_verification_pass_whatever_gamma_it_drafts(mode
   assert last_gamma[1.0] == 1 and last_gamma[1000.0] > 1, last_gamma
   with pytest.raises(ValueError, match="verify_cost"):
     spec(target, cfg, close, cfg, prompts, lengths, verify_cost=0.0, **kw)
+  with pytest.raises(ValueError, match="verify_cost"):  # Refused for a fixed gamma too.
+    spec(target, cfg, close, cfg, prompts, lengths, gamma=2, max_new_tokens=4, verify_cost=-1.0)
 
 
 def test_record_and_views_reconstruct_the_output(models):

@@ -535,5 +535,5 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
       target_cfg=target_cfg, draft_cfg=draft_cfg, gamma=int(gamma),
       max_new_tokens=int(max_new_tokens), sampling=sampling,
       eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id), adaptive=bool(adaptive),
-      cost_ratio=float(cost_ratio), verify_cost=float(verify_cost) if adaptive else 1.0,
+      cost_ratio=float(cost_ratio), verify_cost=float(verify_cost),
       record_rounds=bool(record_rounds), cache_len=int(cache_len))
