@@ -13,6 +13,7 @@ count up to twice; use the shares to find suspects and confirm with wall-clock A
 
     python benchmarks/profile_step.py                                 # lm/small, batch 1, 1 token
     python benchmarks/profile_step.py --model=lm/small --tokens=9     # a gamma-8 verification pass
+    python benchmarks/profile_step.py --model=lm/draft --fused        # a fused draft step
     python benchmarks/profile_step.py --batch=8 --cache_len=256 --context=192
     python benchmarks/profile_step.py --model=large --batch=8 --cache_len=320 --context=192
                                             # benchmarks/decode.py's 126 MB model
@@ -65,6 +66,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=4, help="steps per compiled loop")
   ap.add_argument("--loops", type=int, default=10, help="profiled loop calls")
   ap.add_argument("--top", type=int, default=12)
+  ap.add_argument("--fused", action="store_true",
+                  help="run the step as a fused speculative draft does (effjax.ops.fused_lm_step)")
   ap.add_argument("--no_pack", action="store_true",
                   help="keep the weights row-major (default: lm.pack_weights, as loaders do)")
   args = ap.parse_args(argv)
@@ -84,11 +87,11 @@ def main(argv=None):
       jnp.full((args.batch,), args.context, jnp.int32))
   tokens = jnp.zeros((args.batch, args.tokens), jnp.int32)
   run = lambda: jax.block_until_ready(
-      _decode_steps(params, cache, tokens, config=cfg, steps=args.steps))
+      _decode_steps(params, cache, tokens, config=cfg, steps=args.steps, fused=args.fused))
   run()  # Compile and warm up outside the trace.
   run()
-  shapes = op_shapes(_decode_steps.lower(params, cache, tokens, config=cfg, steps=args.steps)
-                     .compile().as_text())
+  shapes = op_shapes(_decode_steps.lower(params, cache, tokens, config=cfg, steps=args.steps,
+                                         fused=args.fused).compile().as_text())
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
       for _ in range(args.loops):
@@ -119,7 +122,7 @@ def main(argv=None):
     print(f"{name:40s} {us:9.1f}  {shapes[name]}")
   print(json.dumps({
       "benchmark": "profile_step", "command": "python " + " ".join(sys.argv),
-      "model": args.model, "batch": args.batch, "tokens": args.tokens,
+      "model": args.model, "batch": args.batch, "tokens": args.tokens, "fused": args.fused,
       "packed": "packed_weights" in params,
       "cache_len": args.cache_len, "ops_us_per_step": round(total, 1),
       "by_kind_us": {k: round(v, 1) for k, v in by_kind.most_common()},

@@ -46,7 +46,7 @@ from effjax.generate.sampling import SamplingParams  # noqa: E402
 from effjax.models.lm import pack_weights  # noqa: E402
 from effjax.speculative import experiment  # noqa: E402
 from effjax.speculative import metrics as metrics_lib  # noqa: E402
-from effjax.speculative.decode import speculative_generate  # noqa: E402
+from effjax.speculative.decode import resolve_fused_draft, speculative_generate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,6 +170,9 @@ def main(argv=None):
                   for batch in batches}
   rows = []
   for name, (d_cfg, d_params) in drafts.items():
+    # The draft's steps run fused (effjax.ops.fused_lm_step) where that applies; greedy rows also
+    # time the unfused draft, for the comparison.
+    fused = resolve_fused_draft(d_cfg, None)
     for batch in batches:
       sets = [prompts[i:i + 1] for i in range(4)] if batch == 1 else [prompts[:batch]]
       cost = metrics_lib.measure_cost_ratio(target, t_cfg, d_params, d_cfg, batch=batch,
@@ -196,7 +199,7 @@ def main(argv=None):
                  "predicted_speedup": round(s.get("predicted_speedup", float("nan")), 3),
                  "alpha": round(s["alpha"], 3), "tau": round(s["tau"], 3),
                  "passes_per_token": round(s["target_passes_per_token"], 3),
-                 "cost_ratio": round(cost, 4)}
+                 "cost_ratio": round(cost, 4), "fused_draft": fused}
           if adaptive:
             row["verify_cost"] = round(verify_cost, 3)
             row["mean_gamma"] = round(s["mean_gamma"], 2)
@@ -205,6 +208,13 @@ def main(argv=None):
           if temp == 0.0:
             row["lossless"] = all(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
                                   for a, b in zip(outs, ar_outs))
+            if fused and not adaptive:  # The same run with XLA's ops for the draft's steps.
+              unfused_s, _ = metrics_lib.median_seconds_over_sets(
+                  lambda p: speculative_generate(
+                      target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
+                      sampling=sampling, rng=rng, fused_draft=False), sets, reps)
+              row["unfused_draft_spec_s"] = round(unfused_s, 4)
+              row["unfused_draft_speedup"] = round(ar_s / unfused_s, 3)
           rows.append(row)
           print(json.dumps(row), file=sys.stderr, flush=True)
 
@@ -249,7 +259,8 @@ def main(argv=None):
 
 def write_md(path: str, r: dict) -> None:
   cols = ["draft", "temperature", "batch", "gamma", "ar_s", "spec_s", "speedup",
-          "predicted_speedup", "alpha", "tau", "passes_per_token", "cost_ratio", "lossless"]
+          "predicted_speedup", "alpha", "tau", "passes_per_token", "cost_ratio", "lossless",
+          "unfused_draft_speedup"]
   lines = [f"# Speculative decoding benchmark ({'quick' if r['quick'] else 'full'})", "",
            f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
            f"{r['max_new_tokens']} new tokens, median of {r['reps']} runs; {r['prompts']}.  ",

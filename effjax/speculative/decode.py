@@ -38,6 +38,7 @@ from flax import struct
 from effjax.generate.engine import bucket_length
 from effjax.generate.sampling import SamplingParams, logits_to_logprobs
 from effjax.models.lm import LM, LMConfig, init_cache
+from effjax.ops import fused_lm_step
 from effjax.speculative import verify as verify_lib
 
 # (cache, tokens [B, T], lengths [B]) -> (logits [B, T, V] float32, cache).
@@ -276,17 +277,29 @@ class SpecLoop:
     v = logits.shape[-1]
     x0, q0 = _draft_sample(jax.random.fold_in(k_draft, 0), logits, sampling)
     drafts = jnp.zeros((b, g), jnp.int32).at[:, 0].set(x0)  # [B, G]
-    qs = jnp.zeros((b, g, v), jnp.float32).at[:, 0].set(q0)  # [B, G, V]
+    if sampling.greedy:
+      # q is the one-hot of each drafted token: made once after the loop below, not per step.
+      def draft_step(j, carry):
+        cache, drafts = carry
+        logits, cache = draft_fwd(cache, drafts[:, j - 1][:, None], s.ctx_len + j - 1)
+        x = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return cache, jax.lax.dynamic_update_slice(drafts, x[:, None], (0, j))
 
-    def draft_step(j, carry):
-      cache, drafts, qs = carry
-      logits, cache = draft_fwd(cache, drafts[:, j - 1][:, None], s.ctx_len + j - 1)
-      x, q = _draft_sample(jax.random.fold_in(k_draft, j), logits[:, 0], sampling)
-      drafts = jax.lax.dynamic_update_slice(drafts, x[:, None], (0, j))
-      qs = jax.lax.dynamic_update_slice(qs, q[:, None], (0, j, 0))
-      return cache, drafts, qs
+      dcache, drafts = jax.lax.fori_loop(1, gamma_t, draft_step, (dcache, drafts))
+      drafted = (pos < gamma_t)[:, :, None]  # [1, G, 1]: positions this round drafted
+      qs = jnp.where(drafted, jax.nn.one_hot(drafts, v, dtype=jnp.float32), 0.0)  # [B, G, V]
+    else:
+      qs = jnp.zeros((b, g, v), jnp.float32).at[:, 0].set(q0)  # [B, G, V]
 
-    dcache, drafts, qs = jax.lax.fori_loop(1, gamma_t, draft_step, (dcache, drafts, qs))
+      def draft_step(j, carry):
+        cache, drafts, qs = carry
+        logits, cache = draft_fwd(cache, drafts[:, j - 1][:, None], s.ctx_len + j - 1)
+        x, q = _draft_sample(jax.random.fold_in(k_draft, j), logits[:, 0], sampling)
+        drafts = jax.lax.dynamic_update_slice(drafts, x[:, None], (0, j))
+        qs = jax.lax.dynamic_update_slice(qs, q[:, None], (0, j, 0))
+        return cache, drafts, qs
+
+      dcache, drafts, qs = jax.lax.fori_loop(1, gamma_t, draft_step, (dcache, drafts, qs))
 
     # One target pass scores cur and every drafted position: p_1..p_{G+1}.
     tokens = jnp.concatenate([s.cur[:, None], drafts], axis=1)  # [B, G + 1]
@@ -390,14 +403,31 @@ def _variables(params) -> dict:
   return params if isinstance(params, dict) and "params" in params else {"params": params}
 
 
-def lm_forward(params, config: LMConfig) -> ForwardFn:
-  """A `ForwardFn` for an effjax LM: writes T tokens at per-row `lengths` of its KV cache."""
+def lm_forward(params, config: LMConfig, fused: bool = False) -> ForwardFn:
+  """A `ForwardFn` for an effjax LM: writes T tokens at per-row `lengths` of its KV cache.
+
+  `fused`: calls of few tokens per row run as one C++ call (`effjax.ops.fused_lm_step`, where it
+  applies): a draft's steps then cost a fraction of XLA's ~60 dispatched ops. Its numbers agree
+  with the unfused model's to float32 rounding, not bit for bit: use it for drafts only.
+  """
   model, variables = LM(config), _variables(params)
 
   def fwd(cache, tokens, lengths):
-    out = model.apply(variables, tokens, cache=cache.with_lengths(lengths))
+    cache = cache.with_lengths(lengths)
+    if fused and fused_lm_step.applies(config, tokens.shape[1]):
+      return fused_lm_step.step(variables, config, cache, tokens)
+    out = model.apply(variables, tokens, cache=cache)
     return out.logits, out.cache
   return fwd
+
+
+def resolve_fused_draft(draft_cfg: LMConfig, fused_draft: Optional[bool]) -> bool:
+  """`speculative_generate`'s fused_draft: None picks the fused step wherever it applies."""
+  reason = fused_lm_step.unsupported_reason(draft_cfg)
+  if fused_draft and reason is not None:
+    raise ValueError(f"fused_draft=True, but the fused step cannot serve this draft: {reason}; "
+                     "pass fused_draft=None (automatic) or False")
+  return reason is None if fused_draft is None else bool(fused_draft)
 
 
 def _tokenizer_name(tok) -> Optional[str]:
@@ -442,13 +472,13 @@ def check_pair(target_cfg: LMConfig, draft_cfg: LMConfig, gamma: Any = 1, *,
 
 @functools.partial(jax.jit, static_argnames=(
     "target_cfg", "draft_cfg", "gamma", "max_new_tokens", "sampling", "eos_id", "pad_id",
-    "adaptive", "cost_ratio", "verify_cost", "record_rounds", "cache_len"))
+    "adaptive", "cost_ratio", "verify_cost", "record_rounds", "cache_len", "fused_draft"))
 def _speculative_jit(target_params, draft_params, prompts, prompt_lengths, rng, *, target_cfg,
                      draft_cfg, gamma, max_new_tokens, sampling, eos_id, pad_id, adaptive,
-                     cost_ratio, verify_cost, record_rounds, cache_len) -> SpecOutput:
+                     cost_ratio, verify_cost, record_rounds, cache_len, fused_draft) -> SpecOutput:
   b = prompts.shape[0]
   return run_loop(
-      lm_forward(target_params, target_cfg), lm_forward(draft_params, draft_cfg),
+      lm_forward(target_params, target_cfg), lm_forward(draft_params, draft_cfg, fused_draft),
       init_cache(target_cfg, b, cache_len), init_cache(draft_cfg, b, cache_len), prompts,
       prompt_lengths, rng, gamma=gamma, max_new_tokens=max_new_tokens, sampling=sampling,
       eos_id=eos_id, pad_id=pad_id, adaptive=adaptive, cost_ratio=cost_ratio,
@@ -462,7 +492,8 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
                          pad_id: int = 0, adaptive: bool = False,
                          cost_ratio: Optional[float] = None, verify_cost: float = 1.0,
                          record_rounds: bool = False, target_tokenizer: Any = None,
-                         draft_tokenizer: Any = None) -> SpecOutput:
+                         draft_tokenizer: Any = None,
+                         fused_draft: Optional[bool] = None) -> SpecOutput:
   """Generates with a draft proposing and the target verifying, in one compiled program.
 
   Greedy output equals the target's plain greedy output (exactly, in float32 with
@@ -488,6 +519,10 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
       verifies gamma + 1 tokens whichever gamma it drafts, so only the draft steps shrink.
     record_rounds: also return each round's drafts and decisions (for `view.py`).
     target_tokenizer, draft_tokenizer: optional tokenizers (or names) checked for equality.
+    fused_draft: run the draft's steps as one C++ call each (`effjax.ops.fused_lm_step`): None
+      (default) wherever it applies (a float32 draft on CPU whose weights stay in cache), True to
+      insist (an error says why not), False for XLA's ops. The target is never fused, so greedy
+      output stays bit-identical to plain greedy decoding.
 
   Returns:
     `SpecOutput` with tokens [B, max_new_tokens], lengths [B], finished [B], metrics and rounds.
@@ -530,10 +565,11 @@ def speculative_generate(target_params, target_cfg: LMConfig, draft_params, draf
   if cost_ratio is None:
     cost_ratio = draft_cfg.num_params() / target_cfg.num_params()
   rng = jax.random.key(0) if rng is None else rng
+  fused_draft = resolve_fused_draft(draft_cfg, fused_draft)
   return _speculative_jit(
       target_params, draft_params, jnp.asarray(block), jnp.asarray(lengths_np), rng,
       target_cfg=target_cfg, draft_cfg=draft_cfg, gamma=int(gamma),
       max_new_tokens=int(max_new_tokens), sampling=sampling,
       eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id), adaptive=bool(adaptive),
       cost_ratio=float(cost_ratio), verify_cost=float(verify_cost),
-      record_rounds=bool(record_rounds), cache_len=int(cache_len))
+      record_rounds=bool(record_rounds), cache_len=int(cache_len), fused_draft=fused_draft)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effjax.models.lm import LM, LMConfig, init_cache
-from effjax.speculative.decode import SpecMetrics
+from effjax.models.lm import LMConfig, init_cache
+from effjax.speculative.decode import SpecMetrics, lm_forward, resolve_fused_draft
 
 
 def expected_tokens_per_round(alpha: float, gamma: float) -> float:
@@ -127,25 +127,27 @@ def summarize(metrics: SpecMetrics, lengths, *, cost_ratio: Optional[float] = No
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps"))
-def _decode_steps(params, cache, tokens, *, config: LMConfig, steps: int):
-  """`steps` cached decode steps inside one program, as the decoding loops run them."""
-  variables = params if isinstance(params, dict) and "params" in params else {"params": params}
-  model, start = LM(config), cache.lengths
+@functools.partial(jax.jit, static_argnames=("config", "steps", "fused"))
+def _decode_steps(params, cache, tokens, *, config: LMConfig, steps: int, fused: bool = False):
+  """`steps` cached decode steps inside one program, as the decoding loops run them.
+
+  `fused`: through `effjax.ops.fused_lm_step` where it applies, as speculative drafts run.
+  """
+  fwd, start = lm_forward(params, config, fused), cache.lengths
 
   def body(i, carry):
     cache, acc = carry
-    out = model.apply(variables, tokens + i % 7, cache=cache.with_lengths(start + i))
-    return out.cache, acc + out.logits[:, -1, 0]
+    logits, cache = fwd(cache, tokens + i % 7, start + i)
+    return cache, acc + logits[:, -1, 0]
   return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(tokens.shape[:1])))[1]
 
 
 def step_time(params, config: LMConfig, *, batch: int = 1, context: int = 64,
               cache_len: int = 256, iters: int = 20, tokens_per_step: int = 1,
-              steps: int = 16) -> float:
+              steps: int = 16, fused: bool = False) -> float:
   """Median seconds of one cached decode step (`tokens_per_step` new tokens after `context`).
 
-  Steps run `steps` at a time inside one compiled loop, so host dispatch (which the one-jit decoding
+  `fused`: time the step as a fused speculative draft runs it (`effjax.ops.fused_lm_step`). Steps run `steps` at a time inside one compiled loop, so host dispatch (which the one-jit decoding
   loops never pay per step) does not inflate small models' cost.
   """
   if context + steps * tokens_per_step > cache_len:
@@ -154,7 +156,7 @@ def step_time(params, config: LMConfig, *, batch: int = 1, context: int = 64,
   cache = init_cache(config, batch, cache_len)
   cache = cache.with_lengths(jnp.full((batch,), context, jnp.int32))
   tokens = jnp.zeros((batch, tokens_per_step), jnp.int32)
-  run = lambda: _decode_steps(params, cache, tokens, config=config, steps=steps)
+  run = lambda: _decode_steps(params, cache, tokens, config=config, steps=steps, fused=fused)
   jax.block_until_ready(run())  # Compile.
   times = []
   for _ in range(iters):
@@ -166,8 +168,11 @@ def step_time(params, config: LMConfig, *, batch: int = 1, context: int = 64,
 
 def measure_cost_ratio(target_params, target_cfg: LMConfig, draft_params, draft_cfg: LMConfig, *,
                        batch: int = 1, context: int = 64, cache_len: int = 256,
-                       iters: int = 20) -> dict:
+                       iters: int = 20, fused_draft: Optional[bool] = None) -> dict:
   """c = draft step time / target step time, both one cached token at the same context and batch.
+
+  The draft's step is timed as `speculative_generate(fused_draft=...)` runs it (None: fused where
+  `effjax.ops.fused_lm_step` applies).
 
   The speedup formula assumes the target's (gamma + 1)-token verification pass costs one target step,
   which memory-bound accelerators give and CPUs only approximate; `step_time(tokens_per_step=...)`
@@ -179,7 +184,7 @@ def measure_cost_ratio(target_params, target_cfg: LMConfig, draft_params, draft_
   t = step_time(target_params, target_cfg, batch=batch, context=context, cache_len=cache_len,
                 iters=iters)
   d = step_time(draft_params, draft_cfg, batch=batch, context=context, cache_len=cache_len,
-                iters=iters)
+                iters=iters, fused=resolve_fused_draft(draft_cfg, fused_draft))
   return {"target_step_s": t, "draft_step_s": d, "cost_ratio": d / t}
 
 
