@@ -76,6 +76,26 @@ def test_other_instruction_sets_match_too(isa_flags, monkeypatch):
                              rtol=0)
 
 
+def test_repeated_calls_give_the_same_bits():
+  """Two threads share each call's work units in whatever order they claim them; a unit's result
+  must not depend on that (nor on a lingering helper from the call before)."""
+  cfg = registry.get("lm/draft")
+  params = random_params(cfg, 3)
+  context = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 30)), jnp.int32)
+  cache = _prefill_draft(params, context, cfg=cfg)
+  new = jnp.asarray(np.random.default_rng(3).integers(0, 256, (4, 2)), jnp.int32)
+
+  run = jax.jit(lambda cache, new: fused_lm_step.step(params, cfg, cache, new)[0])
+  first = np.asarray(run(cache, new))
+  for _ in range(30):  # 30 executions from the same (copied, never donated) cache.
+    np.testing.assert_array_equal(run(cache, new), first)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _prefill_draft(params, context, *, cfg):
+  return LM(cfg).apply(params, context, cache=init_cache(cfg, context.shape[0], 64)).cache
+
+
 def test_refuses_what_it_cannot_serve(monkeypatch):
   assert "float32" in fused_lm_step.unsupported_reason(registry.get("lm/tiny", dtype="bfloat16"))
   # lm/small's 19 MB stream from memory: the ops' dispatch is a small part of its step.

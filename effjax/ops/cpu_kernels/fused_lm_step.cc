@@ -24,11 +24,13 @@
 // target's numbers and on q being what the draft sampled from, never on the draft's.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -185,13 +187,61 @@ inline void cpu_relax() {
 #endif
 }
 
+// The helper: one pool thread that works on each call's team and, between calls, stays awake for
+// kLinger (a draft's next step follows within ~10-20 us of XLA ops) instead of being scheduled
+// and woken afresh for every call, which cost about a quarter of a step. Longer gaps (the target's
+// verification pass) let it go, so it never holds a core the pass's own helpers need.
+constexpr auto kLinger = std::chrono::microseconds(50);
+
+struct Crew {
+  std::mutex mu;
+  std::shared_ptr<Team> posted;          // The latest call's team (under mu).
+  std::atomic<uint64_t> generation{0};   // Bumped when a team is posted.
+  std::atomic<bool> helper_awake{false};
+};
+
+Crew& crew() {
+  static Crew* c = new Crew;  // Never destroyed: a lingering helper may outlive static teardown.
+  return *c;
+}
+
+void helper_loop() {
+  Crew& c = crew();
+  uint64_t seen = 0;
+  while (true) {
+    const auto since = std::chrono::steady_clock::now();
+    std::shared_ptr<Team> team;
+    while (team == nullptr) {
+      if (c.generation.load(std::memory_order_acquire) != seen) {
+        std::lock_guard<std::mutex> lock(c.mu);
+        team = c.posted;
+        seen = c.generation.load(std::memory_order_relaxed);
+      } else if (std::chrono::steady_clock::now() - since > kLinger) {
+        c.helper_awake.store(false, std::memory_order_seq_cst);
+        // A call posted just now may have seen us awake and not scheduled another helper.
+        if (c.generation.load(std::memory_order_seq_cst) == seen ||
+            c.helper_awake.exchange(true, std::memory_order_seq_cst)) {
+          return;
+        }
+      } else {
+        cpu_relax();
+      }
+    }
+    while (team->work(-1)) cpu_relax();
+  }
+}
+
 void run_phases(ffi::ThreadPool& pool, std::vector<Phase> phases, bool use_helper) {
   auto team = std::make_shared<Team>(std::move(phases));
   const int64_t n = static_cast<int64_t>(team->phases.size());
   if (use_helper && pool.num_threads() > 1) {
-    pool.Schedule([team] {
-      while (team->work(-1)) cpu_relax();
-    });
+    Crew& c = crew();
+    {
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.posted = team;
+      c.generation.fetch_add(1, std::memory_order_seq_cst);
+    }
+    if (!c.helper_awake.exchange(true, std::memory_order_seq_cst)) pool.Schedule([] { helper_loop(); });
   }
   for (int64_t ph = 0; ph < n; ++ph) {
     team->ticket.store(static_cast<uint64_t>(ph) << 32, std::memory_order_release);
