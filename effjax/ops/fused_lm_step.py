@@ -1,9 +1,10 @@
 """A small LM's whole cached decode step as one C++ call on CPU (XLA FFI), built on first use.
 
 XLA:CPU runs an LM decode step as ~60 separately dispatched ops of ~1 us each whatever their size.
-For a speculative draft that is most of the step: lm/draft (0.4M parameters) took 78 us per step,
-four times what reading its 1.7 MB of weights from L2 costs, and its gamma steps were a quarter of
-a batch-1 round. `cpu_kernels/fused_lm_step.cc` does embedding, every block, the final norm and the
+For a speculative draft that is much of the step: lm/draft (0.4M parameters) took 51-78 us per
+step on this machine (its speed drifts), where reading its 1.6 MB of weights from L2 takes ~34 us
+on one core, and its gamma steps were a quarter of a batch-1 round. Fused and split over two cores
+it takes 37 us (`benchmarks/fused_step.py`). `cpu_kernels/fused_lm_step.cc` does embedding, every block, the final norm and the
 logits in one call and writes the new keys and values into the KV cache in place (the cache
 buffers are aliased to the results). RESULTS.md, "A fused draft step", has the numbers.
 

@@ -2,10 +2,11 @@
 //
 // Why: a speculative draft is small so that its steps are cheap, but XLA:CPU runs a decode step as
 // ~60 thunks (matmul custom calls, fusions, the cache scatter, attention), ~1 us each whatever
-// their size: lm/draft's step (0.4M parameters, 1.7 MB, in L2) took 78 us, about 4x what reading
-// its weights costs, and gamma draft steps were a quarter of a speculative round at batch 1
-// (RESULTS.md, "A fused draft step"). Here the step is one call: embedding, every block, the final
-// norm and the logits, the new keys and values written into the cache in place.
+// their size: lm/draft's step (0.4M parameters, 1.6 MB, in L2) took 51-78 us, where one core reads
+// its weights from L2 in ~34 us, and gamma draft steps were a quarter of a speculative round at
+// batch 1. Here the step is one call (37 us on two cores; RESULTS.md, "A fused draft step"):
+// embedding, every block, the final norm and the logits, the new keys and values written into the
+// cache in place. Two cores share it: see run_phases.
 //
 // Operands (float32 unless noted; M = B * T rows, row m = b * T + t):
 //   tokens [B, T] int32; lengths [B] int32 (the row's first new slot, = its position)
@@ -189,8 +190,9 @@ inline void cpu_relax() {
 
 // The helper: one pool thread that works on each call's team and, between calls, stays awake for
 // kLinger (a draft's next step follows within ~10-20 us of XLA ops) instead of being scheduled
-// and woken afresh for every call, which cost about a quarter of a step. Longer gaps (the target's
-// verification pass) let it go, so it never holds a core the pass's own helpers need.
+// and woken afresh for every call, which cost about a quarter of a step (42 -> 32 us). Longer gaps
+// (the target's verification pass) let it go: it holds a core for at most kLinger after a draft's
+// last step, which the pass's own matmul helpers may then find busy (they never wait for it).
 constexpr auto kLinger = std::chrono::microseconds(50);
 
 struct Crew {
