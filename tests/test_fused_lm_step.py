@@ -20,6 +20,8 @@ CONFIGS = {
     "tiny": {},  # GQA 4:2, tied embeddings.
     "untied_scaled_mha": dict(tie_embeddings=False, num_kv_heads=4,
                               rope_scaling=(8.0, 1.0, 4.0, 64)),
+    # One kv head for 4 query heads, and a head_dim that is not a multiple of the vector width.
+    "mqa_head_dim_24": dict(num_heads=4, num_kv_heads=1, head_dim=24),
 }
 
 
@@ -89,6 +91,33 @@ def test_repeated_calls_give_the_same_bits():
   first = np.asarray(run(cache, new))
   for _ in range(30):  # 30 executions from the same (copied, never donated) cache.
     np.testing.assert_array_equal(run(cache, new), first)
+
+
+def test_concurrent_callers_share_the_helper_safely():
+  """Two Python threads call the step at once (the lingering helper is one per process): each
+  still gets the single-caller bits."""
+  import threading
+  cfg = registry.get("lm/draft")
+  params = random_params(cfg, 4)
+  context = jnp.asarray(np.random.default_rng(4).integers(0, 256, (3, 30)), jnp.int32)
+  cache = _prefill_draft(params, context, cfg=cfg)
+  run = jax.jit(lambda cache, new: fused_lm_step.step(params, cfg, cache, new)[0])
+  inputs = [jnp.full((3, 1), i, jnp.int32) for i in range(2)]
+  want = [np.asarray(run(cache, new)) for new in inputs]
+  errors = []
+
+  def worker(i):
+    try:
+      for _ in range(25):
+        np.testing.assert_array_equal(run(cache, inputs[i]), want[i])
+    except Exception as e:  # noqa: BLE001 - reported below
+      errors.append(e)
+  threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

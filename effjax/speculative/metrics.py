@@ -147,8 +147,9 @@ def step_time(params, config: LMConfig, *, batch: int = 1, context: int = 64,
               steps: int = 16, fused: bool = False) -> float:
   """Median seconds of one cached decode step (`tokens_per_step` new tokens after `context`).
 
-  `fused`: time the step as a fused speculative draft runs it (`effjax.ops.fused_lm_step`). Steps run `steps` at a time inside one compiled loop, so host dispatch (which the one-jit decoding
-  loops never pay per step) does not inflate small models' cost.
+  Steps run `steps` at a time inside one compiled loop, so host dispatch (which the one-jit decoding
+  loops never pay per step) does not inflate small models' cost. `fused`: time the step as a fused
+  speculative draft runs it (`effjax.ops.fused_lm_step`).
   """
   if context + steps * tokens_per_step > cache_len:
     raise ValueError(f"context {context} + {steps} steps x {tokens_per_step} tokens exceeds "

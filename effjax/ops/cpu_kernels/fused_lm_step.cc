@@ -9,7 +9,8 @@
 // cache in place. Two cores share it: see run_phases.
 //
 // Operands (float32 unless noted; M = B * T rows, row m = b * T + t):
-//   tokens [B, T] int32; lengths [B] int32 (the row's first new slot, = its position)
+//   tokens [B, T] int32 (clamped into [0, V): callers validate ids; XLA's gather would give NaN)
+//   lengths [B] int32 (the row's first new slot, = its position)
 //   inv_freq [H / 2] (RoPE, Llama-3 scaling already applied); embed [V, D]; final_norm [D]
 //   lm_head [D, V] (ignored when `tied`: the logits are then hidden @ embed^T)
 //   per layer, 9 each: attn_norm [D], wq [D, N*H], wk [D, K*H], wv [D, K*H], wo [N*H, D],
@@ -32,6 +33,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -52,8 +54,8 @@ struct LayerWeights {
   const float *attn_norm, *wq, *wk, *wv, *wo, *mlp_norm, *gate, *up, *down;
 };
 
-// Work is split into units of kCols output columns (two units per few_row_matmul work unit, so
-// that even lm/draft's 128-column matrices give both cores a share). Each output element is still
+// Work is split into units of kCols output columns (half of few_row_matmul's 128-column work unit
+// with AVX-512), so that even lm/draft's 128-column matrices give both cores a share. Each output element is still
 // one fused multiply-add per k in k order from zero: the unfused kernel's numbers, bit for bit.
 constexpr int64_t kCols = 64;
 
@@ -118,6 +120,8 @@ inline float silu_times(float g, float u) {
 // Softmax attention of one query vector qv [h] over `seen` slots of keys/values [S, h].
 void attend(const float* qv, const float* keys, const float* values, int64_t seen, int64_t h,
             float scale, float* logits, float* o) {
+  std::fill(o, o + h, 0.0f);
+  if (seen <= 0) return;  // A row that sees no slot (callers never ask for one): zeros.
   float top = -INFINITY;
   for (int64_t j = 0; j < seen; ++j) {
     Vec acc = vzero();
@@ -133,7 +137,6 @@ void attend(const float* qv, const float* keys, const float* values, int64_t see
     logits[j] = exp_nonpositive(logits[j] - top);
     total += logits[j];
   }
-  std::fill(o, o + h, 0.0f);
   for (int64_t j = 0; j < seen; ++j) {
     const float p = logits[j] / total;
     for (int64_t i = 0; i < h; ++i) o[i] += p * values[j * h + i];
@@ -146,7 +149,9 @@ void attend(const float* qv, const float* keys, const float* values, int64_t see
 // joins whenever it starts and claims units as they come. Units are claimed with a compare-and-swap
 // on (phase, next unit), so a late helper can never take a unit of a phase not yet published, and
 // the caller never waits for a unit nobody has claimed: a helper that never starts only costs
-// the parallelism. The shared state outlives a helper that starts after the call returned.
+// the parallelism. Each phase is published only after every unit of the one before has finished,
+// so no unit runs twice or after the call returns. The shared state outlives a helper that
+// starts after the call returned.
 struct Phase {
   int64_t units;
   std::function<void(int64_t)> run;
@@ -154,7 +159,11 @@ struct Phase {
 
 struct Team {
   std::vector<Phase> phases;
-  std::atomic<uint64_t> ticket{0};  // phase << 32 | next unit
+  // phase << 32 | next unit. Starts closed (no unit of phase 0 is claimable) until the caller
+  // publishes phase 0: a lingering helper may pick the team up before that.
+  static constexpr uint64_t kClosed = 0xffffffffu;
+  std::atomic<uint64_t> ticket{kClosed};
+  const std::thread::id caller = std::this_thread::get_id();
   std::unique_ptr<std::atomic<int64_t>[]> done;
 
   explicit Team(std::vector<Phase> p)
@@ -192,7 +201,8 @@ inline void cpu_relax() {
 // kLinger (a draft's next step follows within ~10-20 us of XLA ops) instead of being scheduled
 // and woken afresh for every call, which cost about a quarter of a step (42 -> 32 us). Longer gaps
 // (the target's verification pass) let it go: it holds a core for at most kLinger after a draft's
-// last step, which the pass's own matmul helpers may then find busy (they never wait for it).
+// last step, which the pass's own matmul helpers may then find busy (parallel_for.h never waits for
+// a helper that has not started; the pass's first matmul may then run on one core).
 constexpr auto kLinger = std::chrono::microseconds(50);
 
 struct Crew {
@@ -228,6 +238,10 @@ void helper_loop() {
       } else {
         cpu_relax();
       }
+    }
+    if (team->caller == std::this_thread::get_id()) {  // The pool ran us inline: no helper.
+      c.helper_awake.store(false, std::memory_order_seq_cst);
+      return;
     }
     while (team->work(-1)) cpu_relax();
   }
@@ -355,7 +369,8 @@ ffi::Error FusedLmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
         float* kv = &k[(r * num_kv_heads + j) * h];
         rope(kv, c, s, h);
         for (int64_t g = 0; g < group; ++g) rope(&q[(r * num_heads + j * group + g) * h], c, s, h);
-        if (pos[r] < slots) {  // Past the cache: dropped, as the unfused scatter does.
+        if (0 <= pos[r] && pos[r] < slots) {  // Outside the cache: dropped, as the unfused
+                                               // scatter does.
           std::memcpy(keys + pos[r] * h, kv, sizeof(float) * h);
           std::memcpy(values + pos[r] * h, &v[(r * num_kv_heads + j) * h], sizeof(float) * h);
         }
