@@ -84,7 +84,7 @@ def test_repeated_calls_give_the_same_bits():
   cfg = registry.get("lm/draft")
   params = random_params(cfg, 3)
   context = jnp.asarray(np.random.default_rng(2).integers(0, 256, (4, 30)), jnp.int32)
-  cache = _prefill_draft(params, context, cfg=cfg)
+  cache = _prefill(params, context, jnp.full((4,), 30, jnp.int32), cfg=cfg)
   new = jnp.asarray(np.random.default_rng(3).integers(0, 256, (4, 2)), jnp.int32)
 
   run = jax.jit(lambda cache, new: fused_lm_step.step(params, cfg, cache, new)[0])
@@ -100,7 +100,7 @@ def test_concurrent_callers_share_the_helper_safely():
   cfg = registry.get("lm/draft")
   params = random_params(cfg, 4)
   context = jnp.asarray(np.random.default_rng(4).integers(0, 256, (3, 30)), jnp.int32)
-  cache = _prefill_draft(params, context, cfg=cfg)
+  cache = _prefill(params, context, jnp.full((3,), 30, jnp.int32), cfg=cfg)
   run = jax.jit(lambda cache, new: fused_lm_step.step(params, cfg, cache, new)[0])
   inputs = [jnp.full((3, 1), i, jnp.int32) for i in range(2)]
   want = [np.asarray(run(cache, new)) for new in inputs]
@@ -118,11 +118,6 @@ def test_concurrent_callers_share_the_helper_safely():
   for t in threads:
     t.join()
   assert not errors, errors
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def _prefill_draft(params, context, *, cfg):
-  return LM(cfg).apply(params, context, cache=init_cache(cfg, context.shape[0], 64)).cache
 
 
 def test_refuses_what_it_cannot_serve(monkeypatch):

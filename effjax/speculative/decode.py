@@ -277,29 +277,22 @@ class SpecLoop:
     v = logits.shape[-1]
     x0, q0 = _draft_sample(jax.random.fold_in(k_draft, 0), logits, sampling)
     drafts = jnp.zeros((b, g), jnp.int32).at[:, 0].set(x0)  # [B, G]
+    # Greedy q is the one-hot of each drafted token: made once after the loop, not per step.
+    qs = None if sampling.greedy else jnp.zeros((b, g, v), jnp.float32).at[:, 0].set(q0)
+
+    def draft_step(j, carry):
+      cache, drafts, qs = carry
+      logits, cache = draft_fwd(cache, drafts[:, j - 1][:, None], s.ctx_len + j - 1)
+      x, q = _draft_sample(jax.random.fold_in(k_draft, j), logits[:, 0], sampling)
+      drafts = jax.lax.dynamic_update_slice(drafts, x[:, None], (0, j))
+      if qs is not None:
+        qs = jax.lax.dynamic_update_slice(qs, q[:, None], (0, j, 0))  # [B, G, V]
+      return cache, drafts, qs
+
+    dcache, drafts, qs = jax.lax.fori_loop(1, gamma_t, draft_step, (dcache, drafts, qs))
     if sampling.greedy:
-      # q is the one-hot of each drafted token: made once after the loop below, not per step.
-      def draft_step(j, carry):
-        cache, drafts = carry
-        logits, cache = draft_fwd(cache, drafts[:, j - 1][:, None], s.ctx_len + j - 1)
-        x = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        return cache, jax.lax.dynamic_update_slice(drafts, x[:, None], (0, j))
-
-      dcache, drafts = jax.lax.fori_loop(1, gamma_t, draft_step, (dcache, drafts))
-      drafted = (pos < gamma_t)[:, :, None]  # [1, G, 1]: positions this round drafted
+      drafted = (pos < gamma_t)[:, :, None]  # [1, G, 1]: the positions this round drafted
       qs = jnp.where(drafted, jax.nn.one_hot(drafts, v, dtype=jnp.float32), 0.0)  # [B, G, V]
-    else:
-      qs = jnp.zeros((b, g, v), jnp.float32).at[:, 0].set(q0)  # [B, G, V]
-
-      def draft_step(j, carry):
-        cache, drafts, qs = carry
-        logits, cache = draft_fwd(cache, drafts[:, j - 1][:, None], s.ctx_len + j - 1)
-        x, q = _draft_sample(jax.random.fold_in(k_draft, j), logits[:, 0], sampling)
-        drafts = jax.lax.dynamic_update_slice(drafts, x[:, None], (0, j))
-        qs = jax.lax.dynamic_update_slice(qs, q[:, None], (0, j, 0))
-        return cache, drafts, qs
-
-      dcache, drafts, qs = jax.lax.fori_loop(1, gamma_t, draft_step, (dcache, drafts, qs))
 
     # One target pass scores cur and every drafted position: p_1..p_{G+1}.
     tokens = jnp.concatenate([s.cur[:, None], drafts], axis=1)  # [B, G + 1]
