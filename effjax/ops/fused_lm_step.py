@@ -3,10 +3,10 @@
 XLA:CPU runs an LM decode step as ~60 separately dispatched ops of ~1 us each whatever their size.
 For a speculative draft that is much of the step: lm/draft (0.4M parameters) took 51-78 us per
 step on this machine (its speed drifts), where reading its 1.6 MB of weights from L2 takes ~34 us
-on one core, and its gamma steps were a quarter of a batch-1 round. Fused and split over two cores
-it takes 37 us (`benchmarks/fused_step.py`). `cpu_kernels/fused_lm_step.cc` does embedding, every block, the final norm and the
-logits in one call and writes the new keys and values into the KV cache in place (the cache
-buffers are aliased to the results). RESULTS.md, "A fused draft step", has the numbers.
+on one core, and its gamma steps were a quarter of a batch-1 round. `cpu_kernels/fused_lm_step.cc`
+does embedding, every block, the final norm and the logits in one call, split over two cores, and
+writes the new keys and values into the KV cache in place (the cache buffers are aliased to the
+results): 37 us (`benchmarks/fused_step.py`; RESULTS.md, "A fused draft step").
 
 Numerics: the weight matmuls are the few-row kernel's tiles (bit for bit what the unfused cached
 step computes); norms, RoPE, the softmax and SiLU agree with XLA's to float32 rounding (logits
@@ -15,7 +15,8 @@ only (`effjax.speculative.decode`): the output's exactness rests on the target's
 being what the draft sampled from, both unchanged.
 
 Serves float32 LMs on CPU whose weights stay in the cores' caches (`applies`): for a model whose
-weights stream from memory the step is the stream, and the ops' dispatch is a few percent of it.
+weights stream from memory the stream dominates the step, and the few-row kernel's streaming order
+and packed panels (which this kernel does not have) matter more than the ops' dispatch.
 `EFFJAX_CPU_FUSED_STEP=0` turns it off; without a compiler it is off with a reason.
 """
 

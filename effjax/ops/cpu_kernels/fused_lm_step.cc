@@ -55,8 +55,9 @@ struct LayerWeights {
 };
 
 // Work is split into units of kCols output columns (half of few_row_matmul's 128-column work unit
-// with AVX-512), so that even lm/draft's 128-column matrices give both cores a share. Each output element is still
-// one fused multiply-add per k in k order from zero: the unfused kernel's numbers, bit for bit.
+// with AVX-512), so that even lm/draft's 128-column matrices give both cores a share. Each output
+// element is still one fused multiply-add per k in k order from zero: the unfused kernel's
+// numbers, bit for bit.
 constexpr int64_t kCols = 64;
 
 inline int64_t col_units(int64_t n) { return (n + kCols - 1) / kCols; }
@@ -72,6 +73,14 @@ inline void nn_cols(const float* x, const float* w, float* out, int64_t m, int64
     const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m - r0));
     for (int64_t c = c0; c < c_end; c += kNarrow)
       nn_rows<kNarrowVecs>(p, r0, rows, c, std::min(kNarrow, c_end - c), 0, k);
+  }
+}
+
+// x[:, c0:c0 + kCols] += y[:, c0:c0 + kCols] for x, y [m, n], c0 = unit * kCols.
+inline void add_cols(const float* y, float* x, int64_t m, int64_t n, int64_t unit) {
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t end = std::min(n, (unit + 1) * kCols);
+    for (int64_t c = unit * kCols; c < end; ++c) x[r * n + c] += y[r * n + c];
   }
 }
 
@@ -247,17 +256,19 @@ void helper_loop() {
   }
 }
 
-void run_phases(ffi::ThreadPool& pool, std::vector<Phase> phases, bool use_helper) {
+void run_phases(ffi::ThreadPool& pool, std::vector<Phase> phases) {
   auto team = std::make_shared<Team>(std::move(phases));
   const int64_t n = static_cast<int64_t>(team->phases.size());
-  if (use_helper && pool.num_threads() > 1) {
+  if (pool.num_threads() > 1) {
     Crew& c = crew();
     {
       std::lock_guard<std::mutex> lock(c.mu);
       c.posted = team;
       c.generation.fetch_add(1, std::memory_order_seq_cst);
     }
-    if (!c.helper_awake.exchange(true, std::memory_order_seq_cst)) pool.Schedule([] { helper_loop(); });
+    if (!c.helper_awake.exchange(true, std::memory_order_seq_cst)) {
+      pool.Schedule([] { helper_loop(); });
+    }
   }
   for (int64_t ph = 0; ph < n; ++ph) {
     team->ticket.store(static_cast<uint64_t>(ph) << 32, std::memory_order_release);
@@ -276,7 +287,8 @@ ffi::Error FusedLmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
                            ffi::RemainingRets caches_out) {
   const auto td = tokens.dimensions(), ed = embed.dimensions();
   if (td.size() != 2 || ed.size() != 2) {
-    return ffi::Error::InvalidArgument("effjax_fused_lm_step: tokens must be [B, T], embed [V, D]");
+    return ffi::Error::InvalidArgument(
+        "effjax_fused_lm_step: tokens must be [B, T], embed [V, D]");
   }
   const int64_t b = td[0], t = td[1], m = b * t, vocab = ed[0], d = ed[1];
   if (static_cast<int64_t>(rest.size()) != num_layers * (kLayerWeights + 2) ||
@@ -350,8 +362,7 @@ ffi::Error FusedLmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
   for (int64_t l = 0; l < num_layers; ++l) {
     const LayerWeights w = layers[l];
     float *kl = kc[l], *vl = vc[l];
-    phases.push_back({1, [&, w](int64_t) { rms_norm(x, w.attn_norm, normed, m, d,
-                                                    eps); }});
+    phases.push_back({1, [&, w](int64_t) { rms_norm(x, w.attn_norm, normed, m, d, eps); }});
     const int64_t uq = col_units(nh), uk = col_units(kh);
     phases.push_back({uq + 2 * uk, [&, w, uq, uk](int64_t u) {
       if (u < uq) nn_cols(normed, w.wq, q, m, d, nh, u);
@@ -368,9 +379,11 @@ ffi::Error FusedLmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
         const float *c = &cos_t[r * half], *s = &sin_t[r * half];
         float* kv = &k[(r * num_kv_heads + j) * h];
         rope(kv, c, s, h);
-        for (int64_t g = 0; g < group; ++g) rope(&q[(r * num_heads + j * group + g) * h], c, s, h);
-        if (0 <= pos[r] && pos[r] < slots) {  // Outside the cache: dropped, as the unfused
-                                               // scatter does.
+        for (int64_t g = 0; g < group; ++g) {
+          rope(&q[(r * num_heads + j * group + g) * h], c, s, h);
+        }
+        // A slot outside the cache is dropped, as the unfused scatter drops it.
+        if (0 <= pos[r] && pos[r] < slots) {
           std::memcpy(keys + pos[r] * h, kv, sizeof(float) * h);
           std::memcpy(values + pos[r] * h, &v[(r * num_kv_heads + j) * h], sizeof(float) * h);
         }
@@ -386,26 +399,24 @@ ffi::Error FusedLmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
     }});
     phases.push_back({col_units(d), [&, w](int64_t u) {  // x += attn @ wo
       nn_cols(attn, w.wo, proj, m, nh, d, u);
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t c = u * kCols; c < std::min(d, (u + 1) * kCols); ++c) x[r * d + c] += proj[r * d + c];
+      add_cols(proj, x, m, d, u);
     }});
-    phases.push_back({1, [&, w](int64_t) { rms_norm(x, w.mlp_norm, normed, m, d,
-                                                    eps); }});
-    phases.push_back({col_units(f), [&, w](int64_t u) {  // gate = silu(normed @ gate) * (normed @ up)
+    phases.push_back({1, [&, w](int64_t) { rms_norm(x, w.mlp_norm, normed, m, d, eps); }});
+    // gate = silu(normed @ gate) * (normed @ up)
+    phases.push_back({col_units(f), [&, w](int64_t u) {
       nn_cols(normed, w.gate, gate, m, d, f, u);
       nn_cols(normed, w.up, up, m, d, f, u);
-      for (int64_t r = 0; r < m; ++r)
+      for (int64_t r = 0; r < m; ++r) {
         for (int64_t c = u * kCols; c < std::min(f, (u + 1) * kCols); ++c)
           gate[r * f + c] = silu_times(gate[r * f + c], up[r * f + c]);
+      }
     }});
     phases.push_back({col_units(d), [&, w](int64_t u) {  // x += gate @ down
       nn_cols(gate, w.down, proj, m, f, d, u);
-      for (int64_t r = 0; r < m; ++r)
-        for (int64_t c = u * kCols; c < std::min(d, (u + 1) * kCols); ++c) x[r * d + c] += proj[r * d + c];
+      add_cols(proj, x, m, d, u);
     }});
   }
-  phases.push_back({1, [&](int64_t) { rms_norm(x, final_norm.typed_data(), normed, m,
-                                               d, eps); }});
+  phases.push_back({1, [&](int64_t) { rms_norm(x, final_norm.typed_data(), normed, m, d, eps); }});
   float* out = logits_out->typed_data();
   if (tied) {
     const Problem head{normed, embed.typed_data(), out, m, d, vocab, false};
@@ -416,7 +427,7 @@ ffi::Error FusedLmStepImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> tokens,
       nn_cols(normed, w, out, m, d, vocab, u);
     }});
   }
-  run_phases(pool, std::move(phases), /*use_helper=*/true);
+  run_phases(pool, std::move(phases));
   return ffi::Error::Success();
 }
 
