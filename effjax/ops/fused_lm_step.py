@@ -33,7 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from effjax.models.lm import KVCache, LMConfig, rope_inv_freq
-from effjax.ops import cpu_ffi
+from effjax.ops import cpu_ffi, few_row_matmul
 
 # One call serves up to this many new tokens per row: a draft step feeds 1 or 2 (a lagging row's
 # catch-up); longer calls (prefill) go through the unfused model, whose matmuls suit many rows.
@@ -41,8 +41,8 @@ MAX_TOKENS_PER_ROW = 8
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "fused_lm_step.cc")
 _TARGET = "effjax_fused_lm_step"
-# As the few-row matmul's: its tiles must compute what that kernel computes.
-_FLAGS = (*cpu_ffi.BASE_FLAGS, "-ffp-contract=off")
+# The few-row matmul's own flags: its tiles must compute here what they compute there.
+_FLAGS = few_row_matmul._FLAGS
 
 
 @functools.cache
