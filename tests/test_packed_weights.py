@@ -108,14 +108,21 @@ def test_pack_weights_covers_every_projection_once():
   packed = lm.pack_weights(params, cfg, force=True)
   assert set(packed) == {"params", lm.PACKED_WEIGHTS}
   copies = jax.tree_util.tree_leaves_with_path(packed[lm.PACKED_WEIGHTS])
-  assert len(copies) == 7 * cfg.num_layers + 1  # q, k, v, o, gate, up, down; the head.
+  # Per layer q, k and v side by side, o, gate and up side by side, down; the head.
+  assert len(copies) == 4 * cfg.num_layers + 1
+  names = set()
   for path, copy in copies:
     name = path[-1].key
-    want = params["params"]
-    for key in path:
-      want = want[key.key]
-    want = want.reshape(-1, want.shape[-1]) if name == "wo" else want.reshape(want.shape[0], -1)
+    module = params["params"]
+    for key in path[:-1]:
+      module = module[key.key]
+    parts = {"wqkv": ("wq", "wk", "wv"), "gate_up": ("gate", "up")}.get(name, (name,))
+    want = np.concatenate([module[part].reshape(-1, module[part].shape[-1]) if part == "wo" else
+                           module[part].reshape(module[part].shape[0], -1) for part in parts],
+                          axis=1)
     np.testing.assert_array_equal(few_row_matmul.unpack(copy), want, err_msg=name)
+    names.add(name)
+  assert names == {"wqkv", "wo", "gate_up", "down", "lm_head"}
   again = lm.pack_weights(packed, cfg)  # Packed already: nothing to do.
   assert again[lm.PACKED_WEIGHTS] is packed[lm.PACKED_WEIGHTS]
   xla = cfg.replace(matmul_impl="xla")  # The kernel is not used: nothing to pack for.
@@ -143,8 +150,27 @@ def test_lm_reads_the_packed_copies_and_gets_the_same_logits(remat):
                                 prefill_rollback_step_logits(cfg, params, tokens))
   step = lambda v: jax.jit(lambda v, t, c: lm.LM(cfg).apply(v, t, cache=c).logits).lower(
       v, tokens[:, :3], lm.init_cache(cfg, 2, 32)).as_text()
-  assert step(packed).count("packed = true") == 7 * cfg.num_layers + 1
+  assert step(packed).count("packed = true") == 4 * cfg.num_layers + 1  # q/k/v, gate/up fused.
   assert "packed = true" not in step(params)
+
+
+def test_separately_packed_projections_still_serve():
+  """Variables packed one projection per copy (before q/k/v and gate/up were fused) still decode,
+  through one call per projection, to the same logits."""
+  cfg = _untied_tiny()
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+
+  def separately(tree):
+    return {name: separately(value) if isinstance(value, dict)
+            else few_row_matmul.pack(lm._as_matrix(name, value))
+            for name, value in tree.items() if isinstance(value, dict) or name in lm._PROJECTIONS}
+  old = {**params, lm.PACKED_WEIGHTS: separately(params["params"])}
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
+  np.testing.assert_array_equal(prefill_rollback_step_logits(cfg, old, tokens),
+                                prefill_rollback_step_logits(cfg, params, tokens))
+  text = jax.jit(lambda v, t, c: lm.LM(cfg).apply(v, t, cache=c).logits).lower(
+      old, tokens[:, :3], lm.init_cache(cfg, 2, 32)).as_text()
+  assert text.count("packed = true") == 7 * cfg.num_layers + 1
 
 
 def test_decoding_loops_take_packed_variables():
