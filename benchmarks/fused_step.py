@@ -31,7 +31,7 @@ from benchmarks.bench_timing import interleaved_medians  # noqa: E402
 from effjax.models import random_params, registry  # noqa: E402
 from effjax.models.lm import init_cache  # noqa: E402
 from effjax.ops import fused_lm_step  # noqa: E402
-from effjax.speculative.metrics import _decode_steps  # noqa: E402
+from effjax.speculative.metrics import DecodeSteps  # noqa: E402
 
 
 def main(argv=None):
@@ -52,8 +52,8 @@ def main(argv=None):
     cache = init_cache(cfg, batch, args.context + args.steps).with_lengths(
         jnp.full((batch,), args.context, jnp.int32))
     tokens = jnp.zeros((batch, 1), jnp.int32)
-    run = lambda fused: jax.block_until_ready(_decode_steps(
-        params, cache, tokens, config=cfg, steps=args.steps, fused=fused))
+    steps = DecodeSteps(params, cache, tokens, config=cfg, steps=args.steps)
+    run = lambda fused: jax.block_until_ready(steps(fused=fused))
     sec = interleaved_medians({"xla": functools.partial(run, False),
                                "fused": functools.partial(run, True)}, args.repeats)
     row = {"batch": batch, "xla_us_per_step": round(sec["xla"] / args.steps * 1e6, 1),

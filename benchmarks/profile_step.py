@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from effjax.models import random_params, registry  # noqa: E402
 from effjax.models.lm import init_cache, pack_weights  # noqa: E402
-from effjax.speculative.metrics import _decode_steps  # noqa: E402
+from effjax.speculative.metrics import DecodeSteps  # noqa: E402
 
 # Array shapes ("f32[1,256]{1,0}") and tuple shapes ("(f32[4,2,32]{2,1,0}, f32[4,2]{1,0})", the
 # attention kernel's output and LSE).
@@ -86,12 +86,11 @@ def main(argv=None):
   cache = init_cache(cfg, args.batch, args.cache_len).with_lengths(
       jnp.full((args.batch,), args.context, jnp.int32))
   tokens = jnp.zeros((args.batch, args.tokens), jnp.int32)
-  run = lambda: jax.block_until_ready(
-      _decode_steps(params, cache, tokens, config=cfg, steps=args.steps, fused=args.fused))
+  steps = DecodeSteps(params, cache, tokens, config=cfg, steps=args.steps, fused=args.fused)
+  run = lambda: jax.block_until_ready(steps())
   run()  # Compile and warm up outside the trace.
   run()
-  shapes = op_shapes(_decode_steps.lower(params, cache, tokens, config=cfg, steps=args.steps,
-                                         fused=args.fused).compile().as_text())
+  shapes = op_shapes(steps.lower().compile().as_text())
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp, create_perfetto_trace=True):
       for _ in range(args.loops):

@@ -17,7 +17,7 @@ import pytest
 
 from effjax.models import registry
 from effjax.models.lm import init_cache, random_params
-from effjax.speculative.metrics import _decode_steps
+from effjax.speculative.metrics import DecodeSteps, _decode_steps
 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\{[^}]*\} ([\w-]+)\(")
 
@@ -75,3 +75,19 @@ def test_cached_decode_loop_moves_no_cache_or_weights(batch, tokens):
   assert not loop_body_moves(hlo, sizes), (
       "the compiled decode step copies a cache buffer or a weight matrix on every step: "
       f"{loop_body_moves(hlo, sizes)}")
+
+
+def test_step_harness_reuses_its_donated_cache():
+  """`metrics.DecodeSteps` (behind `step_time`, profile_step, fused_step) keeps the cache in place
+  across calls, as a decoding loop does: no call copies it, and calls repeat exactly."""
+  cfg = registry.get("lm/tiny")
+  params = random_params(cfg, 0)
+  cache = init_cache(cfg, 2, 64).with_lengths(jnp.full((2,), 8, jnp.int32))
+  shape = f"f32[{cache.k[0].shape[0]},64,{cfg.head_dim}]"
+  run = DecodeSteps(params, cache, jnp.zeros((2, 1), jnp.int32), config=cfg, steps=3)
+  hlo = run.lower().compile().as_text()
+  copies = [line for line in hlo.splitlines() if " copy(" in line and f"= {shape}" in line]
+  assert not copies, f"the harness copies cache buffers on every call: {copies[:2]}"
+  first, second = np.asarray(run()), np.asarray(run())
+  np.testing.assert_array_equal(first, second)
+  np.testing.assert_array_equal(run.cache.lengths, [8, 8])
