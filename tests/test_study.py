@@ -96,6 +96,11 @@ def test_report_is_valid_html_naming_every_figure_in_the_json(study_dir):
     assert f">{row['method']}<" in page
     assert row["tokens_per_s"] > 0 and row["speedup"] > 0
   assert "draft_scratch" in results["training"] and "target" in results["training"]
+  # bench.draft_samplings: the draft distilled on greedy text runs on greedy rows only.
+  by_draft = {}
+  for row in results["decoding"]:
+    by_draft.setdefault(row["draft"], set()).add(row["sampling"])
+  assert by_draft["seqkd"] == {"greedy"} and by_draft["onpolicy_tvd"] == {"greedy", "t=1"}
   # The tiny config tunes the Medusa tree (medusa_tree_size 0): the chosen size decoded fastest.
   for row in (r for r in results["decoding"] if r["method"] == "medusa"):
     seconds = {int(k): v for k, v in row["tree_tuning"]["seconds"].items()}

@@ -91,7 +91,10 @@ def run(config, trained: dict, step_dir: str) -> dict:
   for batch in b.batch_sizes:
     for s_name in b.samplings:
       jobs.append(("autoregressive", batch, s_name, None, None))
+      draft_samplings = dict(b.get("draft_samplings", None) or {})
       for d_name in drafts:
+        if s_name not in draft_samplings.get(d_name, b.samplings):
+          continue
         for gamma in b.gammas:
           jobs.append(("speculative", batch, s_name, d_name, gamma))
       if "medusa" in trained and s_name == "greedy":
