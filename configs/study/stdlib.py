@@ -3,11 +3,15 @@ r"""The main job: the whole inference-efficiency study on the embedded CPython-s
   python -m experiments.study --config=configs/study/stdlib.py --workdir=runs/study
 
 Steps (each cached in WORKDIR/<step>/DONE.json; a rerun skips finished steps, a killed step resumes
-from its checkpoints): train the target (lm/small) -> distil a draft (lm/draft: a corpus-trained
-baseline and a distilled one) -> train Medusa-1 heads on the frozen target -> benchmark
+from its checkpoints): train the target (lm/small) -> distil drafts (lm/draft: a corpus-trained
+baseline, one distilled on-policy for sampling, one on the target's greedy text for greedy
+decoding) -> train Medusa-1 heads on the frozen target -> benchmark
 autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
+  Latest (2026-11-30 15:22 UTC, three drafts): 21.4 min in a fresh clone with the test suite running
+  beside it; benchmark step alone 3.6 min; batch 1 greedy speculative 2.58x with the greedy-text
+  draft (gamma 8, tau 7.6), 2.34x with the scratch one, Medusa-1 2.67x.
   Hardware: 2 CPU cores (idle). Runtime: 11.3 min in a fresh clone at 07:29, install (1.2 min)
   included: target 148 s, drafts 145 s, Medusa 123 s, benchmark + report 3.2 min; 14.1 min at
   10:39 on a slower machine (target 169 s, drafts 177 s, Medusa 154 s, benchmark + report 4 min);
