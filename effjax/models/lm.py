@@ -265,16 +265,16 @@ def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
     return dict(variables)
 
   def packed(tree):
-    out = {}
+    out, in_fused = {}, set()
     for fused, parts in _FUSED.items():
       if all(part in tree for part in parts):
         out[fused] = few_row_matmul.pack(jnp.concatenate(
             [_as_matrix(part, tree[part]) for part in parts], axis=1))
+        in_fused.update(parts)
     for name, value in tree.items():
       if isinstance(value, Mapping):
         out[name] = packed(value)
-      elif name in _PROJECTIONS and not any(name in parts and fused in out
-                                            for fused, parts in _FUSED.items()):
+      elif name in _PROJECTIONS and name not in in_fused:
         out[name] = few_row_matmul.pack(_as_matrix(name, value))
     return out
   copies = packed(nn.unbox(variables["params"]))

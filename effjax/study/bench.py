@@ -88,10 +88,10 @@ def run(config, trained: dict, step_dir: str) -> dict:
   rows, notes = [], []
   tok = ByteTokenizer()
   jobs = []
+  draft_samplings = dict(b.get("draft_samplings", None) or {})  # Default: every sampling.
   for batch in b.batch_sizes:
     for s_name in b.samplings:
       jobs.append(("autoregressive", batch, s_name, None, None))
-      draft_samplings = dict(b.get("draft_samplings", None) or {})
       for d_name in drafts:
         if s_name not in draft_samplings.get(d_name, b.samplings):
           continue
