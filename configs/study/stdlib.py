@@ -9,9 +9,10 @@ decoding) -> train Medusa-1 heads on the frozen target -> benchmark
 autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
-  Latest (2026-11-30 15:22 UTC, three drafts): 21.4 min in a fresh clone with the test suite running
-  beside it; benchmark step alone 3.6 min; batch 1 greedy speculative 2.58x with the greedy-text
-  draft (gamma 8, tau 7.6), 2.34x with the scratch one, Medusa-1 2.67x.
+  Latest (2026-11-30, three drafts): 13.4 min alone in a fresh clone at 15:57 UTC (install 1.3
+  min, target 2.7, drafts 3.3, Medusa 2.3, benchmark + report 3.9); batch 1 greedy speculative
+  2.50x with the greedy-text draft (gamma 8, tau 7.6; 2.58x in the fresh clone before), 2.14x with
+  the scratch one, Medusa-1 2.53x.
   Hardware: 2 CPU cores (idle). Runtime: 11.3 min in a fresh clone at 07:29, install (1.2 min)
   included: target 148 s, drafts 145 s, Medusa 123 s, benchmark + report 3.2 min; 14.1 min at
   10:39 on a slower machine (target 169 s, drafts 177 s, Medusa 154 s, benchmark + report 4 min);
