@@ -134,6 +134,32 @@ def test_caches_match_fresh_forward_after_every_round(models):
   assert (np.asarray(state.gen) == max_new).all()
 
 
+def test_greedy_alpha_counts_every_offered_position_where_draft_and_target_agree(models):
+  """Greedy alpha (sum_x min(p, q) of two one-hots) is 1 exactly where the drafted token is the
+  target's argmax given the context and the earlier drafts, rejected positions included."""
+  cfg, target, _, close = models
+  prompts, lengths = prompts_for(2)
+  out = spec(target, cfg, close, cfg, prompts, lengths, gamma=4, max_new_tokens=MAX_NEW,
+             record_rounds=True)
+  rec = out.rounds
+  expected = np.zeros(2)
+  for b in range(2):
+    ctx = list(prompts[b, :lengths[b]])
+    for r in range(int(rec.num_rounds)):
+      if not bool(rec.active[r, b]):
+        continue
+      drafts = [int(x) for x in rec.draft[r, b, :int(rec.draft_len[r, b])]]
+      for i, x in enumerate(drafts):
+        expected[b] += int(np.argmax(fresh_last_logits(target, cfg, ctx + drafts[:i]))) == x
+      ctx += [int(x) for x in rec.emitted[r, b, :int(rec.num_emitted[r, b])]]
+  alpha_sum = np.asarray(out.metrics.alpha_sum)
+  np.testing.assert_array_equal(alpha_sum, expected)
+  # Not a vacuous check: some drafts agree after a rejection (alpha counts them, acceptance does
+  # not), and some disagree.
+  assert (alpha_sum > np.asarray(out.metrics.accepted)).any()
+  assert (alpha_sum < np.asarray(out.metrics.drafted)).all()
+
+
 def test_sampled_is_seeded_and_draft_equal_target_accepts_all(models):
   cfg, target, _, close = models
   prompts, lengths = prompts_for(4)

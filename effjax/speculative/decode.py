@@ -163,13 +163,14 @@ def _best_gamma(alpha, max_gamma: int, cost_ratio: float, verify_cost: float):
 
 
 def _draft_sample(key, logits, sampling: SamplingParams):
-  """Draws from the draft and returns (token [B], q [B, V]): q is exactly what was sampled from."""
-  logq = logits_to_logprobs(logits, sampling)  # [B, V]
+  """Draws from the draft: (token [B], q [B, V]), q exactly what was sampled from.
+
+  Greedy drafting returns q = None: its one-hot q is never needed (verification compares tokens).
+  """
   if sampling.greedy:
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  else:
-    tok = jax.random.categorical(key, logq, axis=-1).astype(jnp.int32)
-  return tok, jnp.exp(logq)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+  logq = logits_to_logprobs(logits, sampling)  # [B, V]
+  return jax.random.categorical(key, logq, axis=-1).astype(jnp.int32), jnp.exp(logq)
 
 
 class SpecLoop:
@@ -277,7 +278,7 @@ class SpecLoop:
     v = logits.shape[-1]
     x0, q0 = _draft_sample(jax.random.fold_in(k_draft, 0), logits, sampling)
     drafts = jnp.zeros((b, g), jnp.int32).at[:, 0].set(x0)  # [B, G]
-    # Greedy q is the one-hot of each drafted token: made once after the loop, not per step.
+    # Greedy rounds carry no q: a one-hot q would only be compared with a one-hot p.
     qs = None if sampling.greedy else jnp.zeros((b, g, v), jnp.float32).at[:, 0].set(q0)
 
     def draft_step(j, carry):
@@ -290,21 +291,21 @@ class SpecLoop:
       return cache, drafts, qs
 
     dcache, drafts, qs = jax.lax.fori_loop(1, gamma_t, draft_step, (dcache, drafts, qs))
-    if sampling.greedy:
-      drafted = (pos < gamma_t)[:, :, None]  # [1, G, 1]: the positions this round drafted
-      qs = jnp.where(drafted, jax.nn.one_hot(drafts, v, dtype=jnp.float32), 0.0)  # [B, G, V]
 
     # One target pass scores cur and every drafted position: p_1..p_{G+1}.
     tokens = jnp.concatenate([s.cur[:, None], drafts], axis=1)  # [B, G + 1]
     t_logits, tcache = target_fwd(s.target_cache, tokens, s.ctx_len - 1)  # [B, G + 1, V]
     if sampling.greedy:
       res = verify_lib.verify_greedy(drafts, t_logits, draft_len, fill=pad_id)
-      probs = jax.nn.one_hot(jnp.argmax(t_logits, axis=-1), v, dtype=jnp.float32)
+      # sum_x min(p, q) of two one-hots: 1 where the argmaxes agree. Computed from the tokens, not
+      # from [B, G, V] one-hots (that sum was 1.3% of a batch-4 round).
+      alpha_pos = (drafts == jnp.argmax(t_logits, axis=-1)[:, :g]).astype(jnp.float32)  # [B, G]
     else:
       probs = jnp.exp(logits_to_logprobs(t_logits, sampling))  # [B, G + 1, V]
       q_declared = qs if declare_q is None else declare_q(qs)
       res = verify_lib.verify_sampled(k_verify, drafts, q_declared, probs, draft_len,
                                       fill=pad_id)
+      alpha_pos = verify_lib.acceptance_rate(qs, probs[:, :g])  # [B, G]
     n = res.num_accepted  # [B]
     emitted_n = n + 1
     if eos_id is not None:
@@ -333,7 +334,6 @@ class SpecLoop:
     m = s.metrics
     act = active.astype(jnp.int32)
     offered = (pos < draft_len[:, None]) & active[:, None]  # [B, G]
-    alpha_pos = verify_lib.acceptance_rate(qs, probs[:, :g])  # [B, G]
     alpha_round = jnp.sum(jnp.where(offered, alpha_pos, 0.0), axis=1)  # [B]
     metrics = SpecMetrics(
         rounds=m.rounds + act, accepted=m.accepted + n * act, drafted=m.drafted + draft_len * act,
