@@ -27,7 +27,7 @@ from flax import linen as nn
 from effjax.attention import MaskSpec, dot_product_attention
 from effjax.attention.xla import unflatten_kv
 from effjax.models.numerics import Numerics
-from effjax.ops import few_row_matmul, huge_pages
+from effjax.ops import few_row_matmul
 
 
 
@@ -253,10 +253,6 @@ def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
   kernel's columns are independent). That saves each call's fixed cost (~5 us): 7.5% of lm/small's
   batch-1 generation, 2% of `large`'s (RESULTS.md, "Fused projections").
 
-  The weights and their copies then sit on 2 MB pages where Linux allows
-  (`effjax.ops.huge_pages`): streamed from DRAM every step, they read faster without a TLB miss
-  and a prefetcher restart every 4 KB.
-
   The copies are a snapshot: after any change to the params (training, an edit) pack again, and
   do not differentiate through cached calls of packed variables (their projection gradients go to
   the copies). Traced inside a jitted loop's body it would re-pack every step: XLA neither hoists
@@ -286,9 +282,7 @@ def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
     # Under jit: keeps XLA from sinking the copies into the caller's loop (its fusible-op sinking
     # otherwise re-packs every weight on every iteration). Eagerly it would only copy them again.
     copies = jax.lax.optimization_barrier(copies)
-  out = {**variables, PACKED_WEIGHTS: copies}
-  huge_pages.back_with_huge_pages(out)  # Weights that stream: 2 MB pages (a no-op under jit).
-  return out
+  return {**variables, PACKED_WEIGHTS: copies}
 
 
 def _packed(module: nn.Module, name: str) -> Optional[jax.Array]:
