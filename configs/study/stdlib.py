@@ -9,10 +9,10 @@ decoding) -> train Medusa-1 heads on the frozen target -> benchmark
 autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
-  Latest (2026-11-30, three drafts): 13.4 min alone in a fresh clone at 15:57 UTC (install 1.3
-  min, target 2.7, drafts 3.3, Medusa 2.3, benchmark + report 3.9); batch 1 greedy speculative
-  2.50x with the greedy-text draft (gamma 8, tau 7.6; 2.58x in the fresh clone before), 2.14x with
-  the scratch one, Medusa-1 2.53x.
+  Latest (2026-11-30, three drafts): 13.1 min alone in a fresh clone at 17:51 UTC; batch 1 greedy
+  speculative 2.53x with the greedy-text draft (gamma 8, tau 7.6), 2.07x with the scratch one
+  (gamma 6), Medusa-1 2.77x. At 15:57: 13.4 min (install 1.3 min, target 2.7, drafts 3.3, Medusa
+  2.3, benchmark + report 3.9); 2.50x / 2.14x / 2.53x.
   Hardware: 2 CPU cores (idle). Runtime: 11.3 min in a fresh clone at 07:29, install (1.2 min)
   included: target 148 s, drafts 145 s, Medusa 123 s, benchmark + report 3.2 min; 14.1 min at
   10:39 on a slower machine (target 169 s, drafts 177 s, Medusa 154 s, benchmark + report 4 min);
