@@ -124,6 +124,44 @@ def test_streaming_hint_follows_the_models_weight_bytes(monkeypatch):
   assert "stream = false" in text  # lm/tiny (~0.2 MB) stays under even a 1 MB limit.
 
 
+def test_blocked_reads_only_for_weights_the_last_level_cache_cannot_hold(monkeypatch):
+  """Blocks pay from DRAM only: a model the LLC holds streams past L2 but is read unblocked."""
+  small = registry.get("lm/small")  # ~19 MB: past L2, within a 32 MB L3
+  monkeypatch.delenv("EFFJAX_STREAMING_WEIGHT_BYTES", raising=False)
+  monkeypatch.setenv("EFFJAX_BLOCKED_WEIGHT_BYTES", str(32 << 20))
+  assert small.weights_stream() and not small.weights_in_blocks()
+  monkeypatch.setenv("EFFJAX_BLOCKED_WEIGHT_BYTES", str(16 << 20))
+  assert small.weights_in_blocks()
+  monkeypatch.delenv("EFFJAX_BLOCKED_WEIGHT_BYTES")
+  monkeypatch.setattr(few_row_matmul, "last_level_cache_bytes", lambda: None)  # Unknown: block.
+  assert small.weights_in_blocks()
+  assert not registry.get("lm/draft").weights_in_blocks()  # The L2 caches hold it.
+  cfg = registry.get("lm/tiny")
+  params = lm.pack_weights(lm.init_params(cfg, jax.random.PRNGKey(0)), cfg, force=True)
+  lower = lambda: jax.jit(lambda p, t, c: lm.LM(cfg).apply(p, t, cache=c).logits).lower(
+      params, jnp.zeros((1, 2), jnp.int32), lm.init_cache(cfg, 1, 16)).as_text()
+  assert "stream = false" in lower() and "stream = true" not in lower()
+  monkeypatch.setenv("EFFJAX_STREAMING_WEIGHT_BYTES", "0")  # Past "L2"; the LLC is unknown above.
+  assert "stream = true" in lower()
+
+
+def test_last_level_cache_size_is_read_and_implausible_sizes_are_not_trusted(monkeypatch, tmp_path):
+  for index, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "32768K")):
+    (tmp_path / index).mkdir()
+    (tmp_path / index / "size").write_text(size + "\n")
+  real_glob = few_row_matmul.glob.glob
+  monkeypatch.setattr(few_row_matmul.glob, "glob",
+                      lambda pattern: real_glob(str(tmp_path / "index*" / "size")))
+  few_row_matmul.last_level_cache_bytes.cache_clear()
+  try:
+    assert few_row_matmul.last_level_cache_bytes() == 32 << 20
+    (tmp_path / "index3" / "size").write_text("491520K\n")  # A VM host's 480 MB, shared.
+    few_row_matmul.last_level_cache_bytes.cache_clear()
+    assert few_row_matmul.last_level_cache_bytes() is None
+  finally:
+    few_row_matmul.last_level_cache_bytes.cache_clear()
+
+
 def test_lm_routes_cached_few_token_calls_only():
   cfg = registry.get("lm/tiny", matmul_precision="highest")
   params = lm.init_params(cfg, jax.random.PRNGKey(0))

@@ -82,6 +82,11 @@ class LMConfig(Numerics):
     weight_bytes = self.num_params() * jnp.dtype(self.weight_dtype).itemsize
     return few_row_matmul.streams_from_memory(weight_bytes)
 
+  def weights_in_blocks(self) -> bool:
+    """Whether the few-row kernel reads this model's weights in L1-sized blocks (`stream`)."""
+    weight_bytes = self.num_params() * jnp.dtype(self.weight_dtype).itemsize
+    return few_row_matmul.reads_in_blocks(weight_bytes)
+
   def num_params(self) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
     mlp = 3 * self.d_model * self.mlp_dim
@@ -300,9 +305,9 @@ def _project(x, w, cfg: LMConfig, few_rows: bool, equation: str,
   """
   if few_rows:  # The kernel wants w as [Din, Dout]; the reshapes are free (row-major).
     if packed is not None:
-      out = few_row_matmul.matmul(x, packed, packed=True, stream=True)
+      out = few_row_matmul.matmul(x, packed, packed=True, stream=cfg.weights_in_blocks())
     else:
-      out = few_row_matmul.matmul(x, w.reshape(w.shape[0], -1), stream=cfg.weights_stream())
+      out = few_row_matmul.matmul(x, w.reshape(w.shape[0], -1), stream=cfg.weights_in_blocks())
     return out.reshape(*x.shape[:-1], *w.shape[1:])
   return jnp.einsum(equation, x, w.astype(cfg.compute_dtype), precision=cfg.precision)
 
@@ -324,7 +329,8 @@ class Attention(nn.Module):
     few_rows = self.few_rows
     wqkv = _packed(self, "wqkv")
     if few_rows and wqkv is not None:  # pack_weights' q, k and v side by side: one call.
-      qkv = few_row_matmul.matmul(x, wqkv, packed=True, stream=True)  # [B, T, (N + 2K) H]
+      qkv = few_row_matmul.matmul(x, wqkv, packed=True,
+                                  stream=cfg.weights_in_blocks())  # [B, T, (N + 2K) H]
       q, key, val = jnp.split(qkv, [n * h, (n + k) * h], axis=-1)
       q = q.reshape(*x.shape[:-1], n, h)  # [B, T, N, H]
       key, val = (a.reshape(*x.shape[:-1], k, h) for a in (key, val))  # [B, T, K, H]
@@ -379,7 +385,8 @@ class MLP(nn.Module):
     few_rows = self.few_rows
     gate_up = _packed(self, "gate_up")
     if few_rows and gate_up is not None:  # pack_weights' gate and up side by side: one call.
-      g, u = jnp.split(few_row_matmul.matmul(x, gate_up, packed=True, stream=True), [f], axis=-1)
+      gu = few_row_matmul.matmul(x, gate_up, packed=True, stream=cfg.weights_in_blocks())
+      g, u = jnp.split(gu, [f], axis=-1)  # [B, T, F] each
       hidden = nn.silu(g) * u  # [B, T, F]
     else:
       hidden = nn.silu(_project(x, gate, cfg, few_rows, "btd,df->btf", _packed(self, "gate"))) * (

@@ -28,6 +28,7 @@ without a compiler it is off with a reason (`unavailable_reason`).
 from __future__ import annotations
 
 import functools
+import glob
 import os
 from typing import Optional
 
@@ -77,6 +78,48 @@ def streams_from_memory(weight_bytes: int) -> bool:
   """Whether a model with `weight_bytes` of weights streams them past the L2 caches every step."""
   limit = int(os.environ.get("EFFJAX_STREAMING_WEIGHT_BYTES", STREAMING_WEIGHT_BYTES))
   return weight_bytes > limit
+
+
+# Last-level caches reported larger than this are not taken at their word: the Intel VM of
+# 2026-11-29/30 reported 480 MB of L3 (its host's, shared with other tenants) and read lm/small's
+# 19 MB at a DRAM rate, where blocked reads made generation 3-9% faster.
+PLAUSIBLE_LLC_BYTES = 128 << 20
+
+
+@functools.cache
+def last_level_cache_bytes() -> Optional[int]:
+  """The largest CPU cache sysfs reports for cpu0, or None when unknown or implausibly large."""
+  sizes = []
+  for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+    try:
+      with open(index) as f:
+        text = f.read().strip().upper()
+    except OSError:
+      continue
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    if text and text[-1] in units and text[:-1].isdigit():
+      sizes.append(int(text[:-1]) * units[text[-1]])
+    elif text.isdigit():
+      sizes.append(int(text))
+  llc = max(sizes, default=0)
+  return llc if 0 < llc <= PLAUSIBLE_LLC_BYTES else None
+
+
+def reads_in_blocks(weight_bytes: int) -> bool:
+  """Whether the kernel should read weights in L1-sized blocks (its `stream` mode) for a model.
+
+  Blocks pay when each step's weights come from DRAM: the narrow tiles' scattered 256-byte reads
+  were the slow part there (RESULTS.md, few-row section). When the last-level cache holds the
+  model they only add passes over the accumulators: on AMD Zen 4 (32 MB L3) lm/small's 9-row
+  verification matmuls ran 13-50% slower blocked (RESULTS.md, "Zen 4"). So: models that stream
+  past L2 (`streams_from_memory`) and do not fit the last-level cache, or whose cache size is
+  unknown. EFFJAX_BLOCKED_WEIGHT_BYTES overrides the cache size.
+  """
+  if not streams_from_memory(weight_bytes):
+    return False
+  override = os.environ.get("EFFJAX_BLOCKED_WEIGHT_BYTES")
+  llc = int(override) if override else last_level_cache_bytes()
+  return llc is None or weight_bytes > llc
 
 
 PANEL = 128  # Columns per panel of packed weights (the kernel's kPanel).

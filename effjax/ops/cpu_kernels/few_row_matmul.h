@@ -74,6 +74,16 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
 inline float vsum(Vec v) { return v; }
 #endif
 
+// Pins a loaded weight vector in its register. Without it GCC folds the load into every row's FMA
+// (`vfmadd231ps (mem), ...`) for tiles of 2-4 rows, re-reading each weight vector once per row; on
+// AMD Zen 4, which loads one 512-bit vector per cycle, a [4, 256] x [256, 768] tile then ran at 61
+// GFLOP/s from L2 instead of 111 (one core; 2 rows 62 -> 94, 9 rows 90 -> 110; RESULTS.md, "Zen 4").
+inline void keep_in_register(Vec& v) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  asm("" : "+v"(v));
+#endif
+}
+
 // "nn" tiles: kRows rows x kVecs vectors of columns, the accumulators in registers while the
 // tile's weight columns stream past once. Up to kWideRows rows use wide tiles (kWideVecs vectors:
 // long contiguous reads of each weight row); more rows use narrower ones, up to kMaxRows rows
@@ -175,6 +185,9 @@ void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width, int64_t k0
     Vec wv[kVecs];
     for (int j = 0; j < kVecs; ++j)
       wv[j] = kFull ? vload(w + j * kLanes) : vload_n(w + j * kLanes, lanes[j]);
+    if constexpr (kRows > 1) {
+      for (int j = 0; j < kVecs; ++j) keep_in_register(wv[j]);
+    }
     for (int r = 0; r < kRows; ++r) {
       const Vec xb = vset(x[r * p.k + kk]);
       for (int j = 0; j < kVecs; ++j) acc[r][j] = vfma(xb, wv[j], acc[r][j]);
