@@ -4,9 +4,10 @@ A decode step multiplies a handful of rows (batch x new tokens: 1-9 when decodin
 speculative draft, up to 65 for a Medusa tree) by every weight matrix of the model. XLA:CPU is
 1.5-2.4x slower than torch at 2-9 rows (RESULTS.md, "Where the time goes"); the kernel
 (`cpu_kernels/few_row_matmul.cc`) holds up to 6 rows' accumulators in registers while it streams
-a weight panel once, split over XLA's intra-op threads. For models whose weights stream past the
-cores' caches every step (`streams_from_memory`), rows past the first three reuse each block of weight rows from
-L1 instead of reading it again in narrow pieces, and prefetch the next block into L2 meanwhile.
+a weight panel once, split over XLA's intra-op threads (one contiguous range of panels per core).
+For models whose weights come from DRAM every step (`reads_in_blocks`: past the L2 caches and the
+last-level cache), rows past the first three reuse each block of weight rows from L1 instead of
+reading it again in narrow pieces, and prefetch the next block into L2 meanwhile.
 
 Packed weights (`pack`): the same elements reordered into 128-column panels, each a contiguous
 [K, 128] block, so a tile streams its panel front to back; same results bit for bit. Whole
@@ -111,7 +112,7 @@ def reads_in_blocks(weight_bytes: int) -> bool:
   Blocks pay when each step's weights come from DRAM: the narrow tiles' scattered 256-byte reads
   were the slow part there (RESULTS.md, few-row section). When the last-level cache holds the
   model they only add passes over the accumulators: on AMD Zen 4 (32 MB L3) lm/small's 9-row
-  verification matmuls ran 13-50% slower blocked (RESULTS.md, "Zen 4"). So: models that stream
+  verification matmuls ran 13-60% slower blocked (RESULTS.md, "A new machine"). So: models that stream
   past L2 (`streams_from_memory`) and do not fit the last-level cache, or whose cache size is
   unknown. EFFJAX_BLOCKED_WEIGHT_BYTES overrides the cache size.
   """

@@ -77,7 +77,7 @@ inline float vsum(Vec v) { return v; }
 // Pins a loaded weight vector in its register. Without it GCC folds the load into every row's FMA
 // (`vfmadd231ps (mem), ...`) for tiles of 2-4 rows, re-reading each weight vector once per row; on
 // AMD Zen 4, which loads one 512-bit vector per cycle, a [4, 256] x [256, 768] tile then ran at 61
-// GFLOP/s from L2 instead of 111 (one core; 2 rows 62 -> 94, 9 rows 90 -> 110; RESULTS.md, "Zen 4").
+// GFLOP/s from L2 instead of 111 (one core; 2 rows 62 -> 94, 9 rows 90 -> 110; RESULTS.md, "A new machine").
 inline void keep_in_register(Vec& v) {
 #if defined(__AVX512F__) || defined(__AVX2__)
   asm("" : "+v"(v));

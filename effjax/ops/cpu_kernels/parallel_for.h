@@ -6,7 +6,7 @@
 // panels that sit next to each other in memory, so each core reads one long stream and the
 // hardware prefetchers keep up: on AMD Zen 4, two cores read `large`'s [512, 3072] gate/up panels
 // at 1 row in 113 us instead of 132, at 8 rows in 197 instead of 266, when units alternated
-// between the cores (RESULTS.md, "Zen 4"). The caller never waits for a helper that has not
+// between the cores (RESULTS.md, "A new machine"). The caller never waits for a helper that has not
 // started (it may do all the work alone), so a busy pool cannot deadlock it; the shared state,
 // fn included, outlives helpers that start late through the shared_ptr.
 #ifndef EFFJAX_PARALLEL_FOR_H_
@@ -27,7 +27,8 @@ namespace effjax {
 // helper costs more than it saves.
 template <typename Fn>
 void parallel_for(xla::ffi::ThreadPool& pool, int64_t units, bool use_helpers, Fn fn) {
-  const int64_t helpers = use_helpers ? std::min<int64_t>(pool.num_threads(), units) - 1 : 0;
+  const int64_t helpers =
+      use_helpers ? std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), units) - 1) : 0;
   struct State {
     Fn fn;
     int64_t units, ranges;
