@@ -9,7 +9,11 @@ decoding) -> train Medusa-1 heads on the frozen target -> benchmark
 autoregressive vs speculative (greedy and temperature 1, several gamma, batch 1 and 4) vs Medusa
 (greedy and typical) -> report (WORKDIR/report/report.html, report.json, PNG plots).
 
-  Latest (2026-11-30, three drafts): 13.1 min alone in a fresh clone at 17:51 UTC; batch 1 greedy
+  On an AMD EPYC (Zen 4) VM (2026-11-30 19:16 UTC, fresh clone, 10.6 min): batch 1 greedy
+  speculative 1.51x with the greedy-text draft (gamma 8, tau 8.0), Medusa-1 1.51x: verification
+  passes cost 2.7-2.9 one-token steps there (benchmarks/RESULTS.md, "A new machine"). The figures
+  below are an Intel Xeon VM's.
+  Latest there (2026-11-30, three drafts): 13.1 min alone in a fresh clone at 17:51 UTC; batch 1 greedy
   speculative 2.53x with the greedy-text draft (gamma 8, tau 7.6), 2.07x with the scratch one
   (gamma 6), Medusa-1 2.77x. At 15:57: 13.4 min (install 1.3 min, target 2.7, drafts 3.3, Medusa
   2.3, benchmark + report 3.9); 2.50x / 2.14x / 2.53x.
