@@ -149,9 +149,7 @@ def test_last_level_cache_size_is_read_and_implausible_sizes_are_not_trusted(mon
   for index, size in (("index0", "32K"), ("index2", "1024K"), ("index3", "32768K")):
     (tmp_path / index).mkdir()
     (tmp_path / index / "size").write_text(size + "\n")
-  real_glob = few_row_matmul.glob.glob
-  monkeypatch.setattr(few_row_matmul.glob, "glob",
-                      lambda pattern: real_glob(str(tmp_path / "index*" / "size")))
+  monkeypatch.setattr(few_row_matmul, "SYSFS_CPU_CACHES", str(tmp_path))
   few_row_matmul.last_level_cache_bytes.cache_clear()
   try:
     assert few_row_matmul.last_level_cache_bytes() == 32 << 20

@@ -77,15 +77,16 @@ class LMConfig(Numerics):
             and tokens_per_row <= few_row_matmul.MAX_TOKENS_PER_ROW
             and few_row_matmul.unsupported_reason(self.compute_dtype, self.weight_dtype) is None)
 
+  def weight_bytes(self) -> int:
+    return self.num_params() * jnp.dtype(self.weight_dtype).itemsize
+
   def weights_stream(self) -> bool:
     """Whether decode steps stream this model's weights past the L2 caches (a few-row kernel hint)."""
-    weight_bytes = self.num_params() * jnp.dtype(self.weight_dtype).itemsize
-    return few_row_matmul.streams_from_memory(weight_bytes)
+    return few_row_matmul.streams_from_memory(self.weight_bytes())
 
   def weights_in_blocks(self) -> bool:
     """Whether the few-row kernel reads this model's weights in L1-sized blocks (`stream`)."""
-    weight_bytes = self.num_params() * jnp.dtype(self.weight_dtype).itemsize
-    return few_row_matmul.reads_in_blocks(weight_bytes)
+    return few_row_matmul.reads_in_blocks(self.weight_bytes())
 
   def num_params(self) -> int:
     attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)

@@ -87,19 +87,22 @@ def streams_from_memory(weight_bytes: int) -> bool:
 PLAUSIBLE_LLC_BYTES = 128 << 20
 
 
+SYSFS_CPU_CACHES = "/sys/devices/system/cpu/cpu0/cache"  # index*/size: "32K", "1024K", "32768K"
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
 @functools.cache
 def last_level_cache_bytes() -> Optional[int]:
   """The largest CPU cache sysfs reports for cpu0, or None when unknown or implausibly large."""
   sizes = []
-  for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+  for index in glob.glob(os.path.join(SYSFS_CPU_CACHES, "index*", "size")):
     try:
       with open(index) as f:
         text = f.read().strip().upper()
     except OSError:
       continue
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if text and text[-1] in units and text[:-1].isdigit():
-      sizes.append(int(text[:-1]) * units[text[-1]])
+    if text and text[-1] in _SIZE_UNITS and text[:-1].isdigit():
+      sizes.append(int(text[:-1]) * _SIZE_UNITS[text[-1]])
     elif text.isdigit():
       sizes.append(int(text))
   llc = max(sizes, default=0)
@@ -111,10 +114,10 @@ def reads_in_blocks(weight_bytes: int) -> bool:
 
   Blocks pay when each step's weights come from DRAM: the narrow tiles' scattered 256-byte reads
   were the slow part there (RESULTS.md, few-row section). When the last-level cache holds the
-  model they only add passes over the accumulators: on AMD Zen 4 (32 MB L3) lm/small's 9-row
-  verification matmuls ran 13-60% slower blocked (RESULTS.md, "A new machine"). So: models that stream
-  past L2 (`streams_from_memory`) and do not fit the last-level cache, or whose cache size is
-  unknown. EFFJAX_BLOCKED_WEIGHT_BYTES overrides the cache size.
+  model they only add passes over the accumulators: on AMD Zen 4 (32 MB L3) lm/small's 5-28-row
+  matmuls ran 13-60% slower blocked (RESULTS.md, "A new machine"). So: models that stream past L2
+  (`streams_from_memory`) and do not fit the last-level cache, or whose cache size is unknown.
+  EFFJAX_BLOCKED_WEIGHT_BYTES overrides the cache size.
   """
   if not streams_from_memory(weight_bytes):
     return False
