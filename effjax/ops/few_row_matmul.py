@@ -183,8 +183,8 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, stream: boo
            packed: bool = False) -> jax.Array:
   """x [..., K] @ w [K, N] (or w [N, K] with transpose_w) -> [..., N], float32, on CPU.
 
-  `stream`: read weights in blocks reused from L1 (`streams_from_memory`, or packed weights); a
-  speed hint, same results. `packed`: w is `pack(W)` for the [K, N] matrix W meant.
+  `stream`: read weights in blocks reused from L1 (for models `reads_in_blocks` says come from
+  DRAM); a speed hint, same results. `packed`: w is `pack(W)` for the [K, N] matrix W meant.
 
   Call only when `unsupported_reason(x.dtype, w.dtype)` is None.
   """
