@@ -36,6 +36,11 @@ CASES = {
     "verify-9-gqa-window": (9, 8, 4, 32, 53, 12, None),
     "16-mha-softcap": (16, 4, 4, 64, 40, None, 5.0),
     "3-mqa-odd-head-dim": (3, 6, 1, 24, 37, 7, 30.0),
+    # Keys and values over the kernel's 2 MB prefetching threshold (6.8 MB).
+    "decode-prefetching": (1, 8, 4, 64, 1100, None, None),
+    # Prefills: 300 and 400 query rows per block, split into the kernel's 128-row units.
+    "prefill-150-gqa": (150, 4, 2, 32, 160, None, None),
+    "prefill-200-mqa-window": (200, 2, 1, 64, 210, 33, None),
 }
 
 
@@ -185,10 +190,10 @@ def test_auto_routes_cache_calls_to_the_kernel_and_the_rest_to_xla():
                   kv_lengths=jnp.asarray([8, 4]))
   assert _uses_kernel(q, k, v, spec, kv_layout="flat")
   assert not _uses_kernel(q, k, v, spec, kv_layout="flat", impl="xla")  # xla means XLA
-  long_q = jnp.concatenate([q] * 27, axis=1)  # 81 queries per row: prefill, XLA's
-  long_spec = MaskSpec(causal=True, q_positions=jnp.broadcast_to(jnp.arange(81), (2, 81)),
-                       kv_lengths=jnp.asarray([81, 81]))
-  assert not _uses_kernel(long_q, k, v, long_spec, kv_layout="flat")
+  long_q = jnp.concatenate([q] * 13, axis=1)  # A 39-token prefill: the kernel's too
+  long_spec = MaskSpec(causal=True, q_positions=jnp.broadcast_to(jnp.arange(39), (2, 39)),
+                       kv_lengths=jnp.asarray([39, 39]))
+  assert _uses_kernel(long_q, k, v, long_spec, kv_layout="flat")
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   assert not _uses_kernel(*bf16, spec, kv_layout="flat")
   dense = MaskSpec(causal=True, q_positions=spec.q_positions, kv_lengths=spec.kv_lengths,
@@ -203,8 +208,8 @@ def test_explicit_impl_explains_what_it_cannot_serve():
   bskh = lambda x: x.reshape(2, 2, 40, 32).transpose(0, 2, 1, 3)
   with pytest.raises(ValueError, match=r"impl='cpu_decode' cannot serve this call: .*flat"):
     dot_product_attention(q, bskh(k), bskh(v), impl="cpu_decode", strict=True)
-  with pytest.raises(ValueError, match="at most 80"):
-    dot_product_attention(jnp.concatenate([q] * 27, 1), k, v, impl="cpu_decode", strict=True,
+  with pytest.raises(ValueError, match="float32 only"):
+    dot_product_attention(q.astype(jnp.bfloat16), k, v, impl="cpu_decode", strict=True,
                           kv_layout="flat")
   # Not strict: falls back to XLA with the same result.
   got = dot_product_attention(q, bskh(k), bskh(v), impl="cpu_decode")

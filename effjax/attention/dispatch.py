@@ -8,8 +8,8 @@
 * `"pallas"`  the flash-attention kernels in `kernels_pallas/` (GPU Triton style or TPU Mosaic style
               by backend; interpret mode on CPU, forced by `interpret=True` or `EFFJAX_PALLAS_INTERPRET=1`).
 * `"cudnn"`   `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs.
-* `"cpu_decode"` a C++ kernel (XLA FFI, `cpu_decode.py`) for up to 80 new tokens per row over the
-              LM's flat float32 KV cache on CPU: decoding, speculative verification and Medusa's
+* `"cpu_decode"` a C++ kernel (XLA FFI, `cpu_decode.py`) for the LM's cached calls over its flat
+              float32 KV cache on CPU: prefill, decoding, speculative verification and Medusa's
               tree pass (`MaskSpec.tree_mask`).
 * `"auto"`    Pallas on TPU/GPU; on CPU `cpu_decode` where it serves the call, otherwise chunked for
               long keys (>= `AUTO_CHUNK_THRESHOLD`) and XLA for short ones.

@@ -1,6 +1,7 @@
-// Decode attention on CPU as an XLA FFI custom call: a few query rows per (batch row, kv head)
-// against that head's contiguous [S, H] slice of the LM's heads-major KV cache, under a per-row
-// range of visible slots plus an optional tree bitmask (Medusa's tree attention).
+// Decode attention on CPU as an XLA FFI custom call: a few query rows per (batch row, kv head) -
+// or a prefill's many, 128 at a time - against that head's contiguous [S, H] slice of the LM's
+// heads-major KV cache, under a per-row range of visible slots plus an optional tree bitmask
+// (Medusa's tree attention).
 //
 // Why: XLA:CPU runs the two batched [G*T, H] x [H, S] matmuls of decode attention as one small
 // Eigen call per batch element, 4-5x slower than torch's bmm on the same shapes (RESULTS.md), and
@@ -69,15 +70,31 @@ inline __m512 sum16(const __m512 (&p)[16]) {
   return _mm512_permutexvar_ps(order, f);
 }
 
+// Asks for slots [first, last) of a [S, kHeadDim] slice (`locality` 3: into L1, 2: into L2).
+template <int64_t kHeadDim>
+inline void prefetch_slots(const float* slice, int64_t first, int64_t last, int locality) {
+  const char* line = reinterpret_cast<const char*>(slice + first * kHeadDim);
+  const char* end = reinterpret_cast<const char*>(slice + last * kHeadDim);
+  for (; line < end; line += 64) {
+    if (locality == 3) __builtin_prefetch(line, 0, 3);
+    else __builtin_prefetch(line, 0, 2);
+  }
+}
+
 // logits[r * width + j - first] = scale * q[r] . k[j] for every row (at q + rows[r]) and j in
 // [first, last), 16 keys at a time (the last group repeats the last key; its extra sums are not
-// stored).
+// stored). With `v` (the block's values; nullptr: no prefetching), each group also asks for the
+// keys two groups ahead (into L1) and for its own slots' values (into L2, for the values pass).
 template <int64_t kHeadDim>
 void logits_avx512(const float* q, const int64_t* rows, const float* k, int64_t m, int64_t first,
-                   int64_t last, float scale, float* logits) {
+                   int64_t last, float scale, float* logits, const float* v) {
   constexpr int kVecs = kHeadDim / 16;
   const int64_t width = last - first;
   for (int64_t j0 = first; j0 < last; j0 += 16) {
+    if (v != nullptr) {
+      prefetch_slots<kHeadDim>(k, std::min(j0 + 32, last), std::min(j0 + 48, last), 3);
+      prefetch_slots<kHeadDim>(v, j0, std::min(j0 + 16, last), 2);
+    }
     const float* keys[16];
     for (int u = 0; u < 16; ++u) keys[u] = k + std::min(j0 + u, last - 1) * kHeadDim;
     const int n = static_cast<int>(std::min<int64_t>(16, last - j0));
@@ -105,15 +122,19 @@ struct Problem {
   float *out, *lse;
   int64_t m, s, h, words;
   int64_t t, n, kv_heads;  // q's T and N, and K (so G = N / K rows of each token per block)
+  int64_t blocks;          // B * K
+  bool prefetch;           // Ask for keys and values ahead of use (see kPrefetchBytes).
   float scale, softcap, mask_value;
 };
 
-// Offsets in q and out of block's rows m = g * T + t: query head k * G + g of token t of row b.
-inline void row_offsets(const Problem& p, int64_t block, std::vector<int64_t>& rows) {
+// Offsets in q and out of block's rows r0 <= m < r0 + count (m = g * T + t: query head k * G + g
+// of token t of row b), as rows[m - r0].
+inline void row_offsets(const Problem& p, int64_t block, int64_t r0, int64_t count,
+                        std::vector<int64_t>& rows) {
   const int64_t b = block / p.kv_heads, k = block % p.kv_heads, g_heads = p.n / p.kv_heads;
-  rows.resize(p.m);
-  for (int64_t r = 0; r < p.m; ++r) {
-    const int64_t g = r / p.t, t = r % p.t;
+  rows.resize(count);
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t g = (r0 + r) / p.t, t = (r0 + r) % p.t;
     rows[r] = ((b * p.t + t) * p.n + k * g_heads + g) * p.h;
   }
 }
@@ -157,10 +178,11 @@ inline void add_weighted_values(const float* weights, const float* v, int64_t fi
 // out[r] = sum_j weights[r][j] * v[j] for kRows rows at once, j over [first, last) in slot order:
 // each value row is loaded once for the group. A zero weight leaves its row's accumulator as it
 // was (a masked multiply-add), exactly as if the slot were skipped, so a row's sum never depends on
-// which rows share its group - or on the values in slots it cannot see.
+// which rows share its group - or on the values in slots it cannot see. `next_k` (nullptr: none):
+// a [S, kHeadDim] slice whose slots j to ask for into L2 meanwhile (the next block's keys).
 template <int64_t kHeadDim, int kRows>
 void values_rows_avx512(const float* weights, int64_t width, const float* v, int64_t first,
-                        int64_t last, float* out, const int64_t* rows) {
+                        int64_t last, float* out, const int64_t* rows, const float* next_k) {
   constexpr int kVecs = kHeadDim / 16;
   __m512 acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r)
@@ -172,6 +194,7 @@ void values_rows_avx512(const float* weights, int64_t width, const float* v, int
       w[r] = weights[r * width + (j - first)];
       any |= w[r] != 0.0f;
     }
+    if (next_k != nullptr) prefetch_slots<kHeadDim>(next_k, j, j + 1, 2);
     if (!any) continue;
     __m512 vj[kVecs];
     for (int i = 0; i < kVecs; ++i) vj[i] = _mm512_loadu_ps(v + j * kHeadDim + 16 * i);
@@ -187,38 +210,59 @@ void values_rows_avx512(const float* weights, int64_t width, const float* v, int
 }
 
 // Every row's output through values_rows_avx512, in groups of up to 6 rows and at most 16
-// accumulator registers.
+// accumulator registers; the first group asks for `next_k`'s slots.
 template <int64_t kHeadDim>
 void values_avx512(const float* weights, int64_t m, int64_t width, const float* v, int64_t first,
-                   int64_t last, float* out, const int64_t* rows) {
+                   int64_t last, float* out, const int64_t* rows, const float* next_k) {
   constexpr int kGroup = std::max<int>(1, std::min<int>(6, 16 / (kHeadDim / 16)));
   int64_t r = 0;
   for (; r + kGroup <= m; r += kGroup)
-    values_rows_avx512<kHeadDim, kGroup>(weights + r * width, width, v, first, last, out, rows + r);
+    values_rows_avx512<kHeadDim, kGroup>(weights + r * width, width, v, first, last, out, rows + r,
+                                         r == 0 ? next_k : nullptr);
   for (; r < m; ++r)
-    values_rows_avx512<kHeadDim, 1>(weights + r * width, width, v, first, last, out, rows + r);
+    values_rows_avx512<kHeadDim, 1>(weights + r * width, width, v, first, last, out, rows + r,
+                                    r == 0 ? next_k : nullptr);
 }
 #endif
 
-// One (batch row, kv head) block: rows [m] of q against keys lo..hi of its [S, H] slice.
-// kHeadDim > 0 fixes the head dim at compile time (the inner loops unroll and the accumulators stay
-// in registers); 0 reads it from the problem.
+// Software prefetching (keys two 16-key groups ahead, each group's values during the logits, the
+// next block's keys during the values) pays only where the cache comes from memory: the hardware
+// prefetchers restart at every block and every switch from keys to values, and the few query rows
+// of decoding leave little arithmetic to hide that behind. Gated on the call's keys and values
+// being larger than two cores' L2 (a bigger cache rarely stays in L3 behind a model's weights) and
+// on few rows per block. One layer of `large` at batch 8 (4 MB, 192 of 256 slots; 40 layers'
+// caches cycled so each comes from DRAM): 144 -> 119 us; lm/small at batch 16 from L3: 64 -> 59
+// us; below the gate, prefetches only cost: lm/small at batch 1, 13.8 -> 16.2 us (RESULTS.md,
+// "Prefill attention through the kernel; prefetching from DRAM").
+constexpr int64_t kPrefetchBytes = int64_t{2} << 20;
+constexpr int64_t kPrefetchRows = 32;
+
+// Query rows per work unit: a block's rows are split into chunks of this many, so a prefill's
+// hundreds of rows per block spread over the cores even with one block (batch 1, one kv head), its
+// logits scratch stays at kRowChunk * S floats, and a causal chunk of early tokens reads only the
+// keys its rows can see. Decoding, verification and Medusa's trees (<= 128 rows) stay one unit.
+constexpr int64_t kRowChunk = 128;
+
+// One work unit: rows [r0, r0 + kRowChunk) (at most) of one (batch row, kv head) block of q against
+// keys lo..hi of the block's [S, H] slice. kHeadDim > 0 fixes the head dim at compile time (the
+// inner loops unroll and the accumulators stay in registers); 0 reads it from the problem.
 template <int64_t kHeadDim>
-void attend_block(const Problem& p, int64_t block, std::vector<float>& logits,
+void attend_block(const Problem& p, int64_t block, int64_t r0, std::vector<float>& logits,
                   std::vector<int64_t>& rows) {
+  const int64_t m = std::min(kRowChunk, p.m - r0);
   const float* q = p.q;  // Row r at q + rows[r], as out's.
   const float* k = p.k + block * p.s * p.h;
   const float* v = p.v + block * p.s * p.h;
-  const int32_t* lo = p.lo + block * p.m;
-  const int32_t* hi = p.hi + block * p.m;
-  const int32_t* tree = p.tree + block * p.m * p.words;
+  const int32_t* lo = p.lo + block * p.m + r0;
+  const int32_t* hi = p.hi + block * p.m + r0;
+  const int32_t* tree = p.tree + (block * p.m + r0) * p.words;
   float* out = p.out;
-  float* lse = p.lse + block * p.m;
+  float* lse = p.lse + block * p.m + r0;
   const int64_t h = kHeadDim > 0 ? kHeadDim : p.h;
-  row_offsets(p, block, rows);
+  row_offsets(p, block, r0, m, rows);
 
   int64_t first = p.s, last = 0;  // The union of the rows' visible slots.
-  for (int64_t r = 0; r < p.m; ++r) {
+  for (int64_t r = 0; r < m; ++r) {
     int64_t a, b;
     bool has_tree;
     row_extent(p, lo, hi, tree, r, a, b, has_tree);
@@ -227,21 +271,22 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits,
       last = std::max(last, b);
     }
   }
-  for (int64_t r = 0; r < p.m; ++r) std::fill(out + rows[r], out + rows[r] + h, 0.0f);
-  std::fill(lse, lse + p.m, p.mask_value);
+  for (int64_t r = 0; r < m; ++r) std::fill(out + rows[r], out + rows[r] + h, 0.0f);
+  std::fill(lse, lse + m, p.mask_value);
   if (first >= last) return;
   const int64_t width = last - first;
-  logits.resize(p.m * width);
+  logits.resize(m * width);
 
   // Logits: each key row is loaded once for all query rows.
 #if defined(__AVX512F__)
   if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
-    logits_avx512<kHeadDim>(q, rows.data(), k, p.m, first, last, p.scale, logits.data());
+    logits_avx512<kHeadDim>(q, rows.data(), k, m, first, last, p.scale, logits.data(),
+                            p.prefetch ? v : nullptr);
   } else
 #endif
   for (int64_t j = first; j < last; ++j) {
     const float* kj = k + j * h;
-    for (int64_t r = 0; r < p.m; ++r) {
+    for (int64_t r = 0; r < m; ++r) {
       const float* qr = q + rows[r];
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -250,7 +295,7 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits,
     }
   }
   // Softmax per row over its own visible range; probabilities overwrite the logits.
-  for (int64_t r = 0; r < p.m; ++r) {
+  for (int64_t r = 0; r < m; ++r) {
     int64_t a, b;
     bool has_tree;
     row_extent(p, lo, hi, tree, r, a, b, has_tree);
@@ -292,11 +337,14 @@ void attend_block(const Problem& p, int64_t block, std::vector<float>& logits,
   // With AVX-512 a group of rows shares each value row's loads (3.5-13% faster for 2-66 rows).
 #if defined(__AVX512F__)
   if constexpr (kHeadDim > 0 && kHeadDim % 16 == 0) {
-    values_avx512<kHeadDim>(logits.data(), p.m, width, v, first, last, out, rows.data());
+    // A thread's next unit is usually the next block (parallel_for's contiguous ranges).
+    const bool next = p.prefetch && block + 1 < p.blocks;
+    values_avx512<kHeadDim>(logits.data(), m, width, v, first, last, out, rows.data(),
+                            next ? p.k + (block + 1) * p.s * p.h : nullptr);
     return;
   }
 #endif
-  for (int64_t r = 0; r < p.m; ++r) {
+  for (int64_t r = 0; r < m; ++r) {
     const float* weights = logits.data() + r * width - first;
     float* o = out + rows[r];
     if constexpr (kHeadDim > 0) {
@@ -326,11 +374,14 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         "N, and tree [B * K, N / K * T, W]");
   }
   const int64_t bk = kd[0], kv_heads = kd[0] / qd[0], m = qd[2] / kv_heads * qd[1];
+  const bool prefetch = 2 * bk * kd[1] * kd[2] * int64_t{sizeof(float)} > kPrefetchBytes &&
+                        m <= kPrefetchRows;
   const Problem problem{q.typed_data(),    k.typed_data(),    v.typed_data(), lo.typed_data(),
                         hi.typed_data(),   tree.typed_data(), out->typed_data(),
                         lse->typed_data(), m,                 kd[1],          qd[3],
                         td[2],             qd[1],             qd[2],          kv_heads,
-                        scale,             softcap,           mask_value};
+                        bk,                prefetch,          scale,
+                        softcap,           mask_value};
   auto attend = problem.h == 32    ? attend_block<32>
                 : problem.h == 64  ? attend_block<64>
                 : problem.h == 128 ? attend_block<128>
@@ -339,10 +390,11 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   // work is a few microseconds: waking helpers would cost more. Medusa's 66-row blocks need them.
   const int64_t work = bk * kd[1] * kd[2] * std::max<int64_t>(m, 2);
   const bool use_helpers = work >= (int64_t{1} << 17);
-  effjax::parallel_for(pool, bk, use_helpers, [problem, attend](int64_t block) {
+  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;  // Work units per block.
+  effjax::parallel_for(pool, bk * chunks, use_helpers, [problem, attend, chunks](int64_t unit) {
     thread_local std::vector<float> logits;  // Scratch, reused across calls on each thread.
     thread_local std::vector<int64_t> rows;
-    attend(problem, block, logits, rows);
+    attend(problem, unit / chunks, unit % chunks * kRowChunk, logits, rows);
   });
   return ffi::Error::Success();
 }
