@@ -23,7 +23,9 @@ floor of one generation is
   + for each decode step at context c: max((weight bytes + KV bytes(c)) / bw,
                                            (2 * B * matmul params + 4 * B * c * N * H * L) / flops)
 and effjax's fraction = floor / measured time. For `small`, which the last-level cache could hold,
-the DRAM bandwidth need not be its ceiling, so its fraction can exceed 1.
+the DRAM bandwidth need not be its ceiling, so its fraction can exceed 1. `goal_needs_roofline_fraction`
+is the fraction the issue's ratio (2x transformers at batch 1, 3x at batch 8) asks for in that run:
+near 1, for a model whose weights come from DRAM, no code reaches the goal on that machine.
 
   python benchmarks/decode.py            # full: 128/128 tokens, 5 repeats
   python benchmarks/decode.py --quick    # < 2 min: 128 prompt / 32 new tokens, 1 repeat
@@ -271,6 +273,9 @@ def main():
   for r in results:
     floor = roofline_seconds(r.pop("_cfg"), r["batch"], args.prompt_len, new, machine)
     r.update({"roofline_s": floor, "effjax_roofline_fraction": floor / r["effjax_s"]})
+    if "hf_s" in r:  # The fraction of the roofline that the ratio asks for in this run.
+      need = 2.0 if r["batch"] == 1 else 3.0
+      r["goal_needs_roofline_fraction"] = floor / (r["hf_s"] / need)
   goals = {}
   for r in results:
     if "speedup" in r:

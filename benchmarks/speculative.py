@@ -20,7 +20,9 @@ warm-up. The last stdout line is one JSON object with every figure; `--write_md`
 markdown summary.
 
 Goals (issue 5): >= 2.5x over effjax autoregressive at batch 1 greedy; >= 1.5x at batch 4; >= 1.5x
-faster in absolute time than transformers' assisted generation.
+faster in absolute time than transformers' assisted generation. `goals` also reports, per batch,
+the ceiling of this machine: (max gamma + 1) / the measured cost of that verification pass in
+one-token target steps, the speedup of a draft that costs nothing and is always right.
 """
 
 from __future__ import annotations
@@ -242,6 +244,11 @@ def main(argv=None):
       "vs_hf_assisted": round(hf_best / scratch1["spec_s"], 3),
       "vs_hf_goal_1.5x": hf_best / scratch1["spec_s"] >= 1.5,
   }
+  # What this machine allows at all: a draft that costs nothing and is always right still pays one
+  # verification pass per max(gammas) + 1 tokens. Below a goal, no draft can reach it here.
+  for batch in batches:
+    goals[f"batch{batch}_ceiling_free_perfect_draft"] = round(
+        (max(gammas) + 1) / verify_costs[batch], 3)
   result = {
       "benchmark": "speculative", "command": " ".join(["python"] + sys.argv),
       "machine": experiment.machine(), "quick": quick, "max_new_tokens": max_new, "reps": reps,
