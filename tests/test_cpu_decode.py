@@ -116,7 +116,8 @@ def _random_tree_mask(rng, b, t):
   return jnp.asarray(masks)
 
 
-@pytest.mark.parametrize("t", [5, 33, 65])  # 1, 2 and 3 words of tree bits per row
+# 1, 2 and 3 words of tree bits per row; at 65, 130 rows per block: two of the kernel's units.
+@pytest.mark.parametrize("t", [5, 33, 65])
 def test_tree_mask_matches_xla(t):
   """Medusa's tree pass: the prefix plus each node's ancestors and itself, read as a bitmask."""
   rng = np.random.default_rng(t)
