@@ -14,6 +14,8 @@ attention alone, kernel against XLA, with the cache half-way through the generat
 gain of the C++ few-row matmul (`effjax/ops/few_row_matmul.py`) its decode steps use on CPU; and
 effjax without the packed weight copies (`lm.pack_weights`, made once before timing as a loader
 would) the kernel reads by default here (`packing_speedup`; its tokens must be identical).
+`large_bf16`: `large` with bfloat16 weights and activations at batch 1, the few-row kernel's
+bfloat16 path against XLA's bfloat16 dots (`matmul_kernel_speedup`), no transformers run.
 
 Roofline: measured in the same run, at its start and its end, best figure kept (a ceiling; other jobs
 only slow a run). Memory bandwidth = bytes / time of a jitted `jnp.sum` over a 512 MB float32 array
@@ -260,10 +262,19 @@ def main():
       cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
       params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
       prompts = np.random.default_rng(1).integers(0, 256, (1, args.prompt_len)).astype(np.int32)
-      run16, _, _ = effjax_runner(params16, cfg16, prompts, new)
-      t16 = interleaved_medians({"bf16": run16}, repeats, warmup=False)["bf16"]
+      run16, tok16, _ = effjax_runner(params16, cfg16, prompts, new)
+      runs16 = {"bf16": run16}
+      if not args.no_xla_matmul:  # Its own baseline: bfloat16 weight matmuls in XLA.
+        runs16["bf16_xla_matmul"], tok16_xla, _ = effjax_runner(
+            params16, cfg16.replace(matmul_impl="xla"), prompts, new)
+      med16 = interleaved_medians(runs16, repeats, warmup=False)
+      t16 = med16["bf16"]
       row = {"model": name + "_bf16", "batch": 1, "effjax_tok_s": new / t16, "effjax_s": t16,
              "_cfg": cfg16}
+      if "bf16_xla_matmul" in med16:
+        row.update({"effjax_xla_matmul_tok_s": new / med16["bf16_xla_matmul"],
+                    "matmul_kernel_speedup": med16["bf16_xla_matmul"] / t16,
+                    "xla_matmul_tokens_identical_fraction": float((tok16 == tok16_xla).mean())})
       log(json.dumps({k: v for k, v in row.items() if k != "_cfg"}))
       results.append(row)
 

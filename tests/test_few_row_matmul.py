@@ -12,7 +12,7 @@ import pytest
 
 from effjax.models import lm, registry
 from effjax.ops import few_row_matmul
-from tests.helpers_lm import assert_kernel_decoding_matches_xla
+from tests.helpers_lm import assert_kernel_decoding_matches_xla, prefill_rollback_step_logits
 
 pytestmark = pytest.mark.skipif(few_row_matmul.unavailable_reason() is not None,
                                 reason=f"{few_row_matmul.unavailable_reason()}")
@@ -72,6 +72,36 @@ def test_rows_are_bit_identical_whatever_the_other_rows(mode):
   wk = w.T if transpose_w else w
   other = x[:, :k // 2] @ wk[:k // 2] + x[:, k // 2:] @ wk[k // 2:]
   assert not np.array_equal(other, whole)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("shape", SHAPES + [(8, 512, 3072)], ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_rounds_float32_sums_like_xlas_bfloat16_dot(shape, mode):
+  """bfloat16 x and w: each output is the float32 sum rounded once to bfloat16 - within half a
+  bfloat16 step of the exact product, and XLA's own bfloat16 dot to one step."""
+  m, k, n = shape
+  transpose_w, stream = MODES[mode]
+  x, w = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(2, m, k, n, transpose_w))
+  got = few_row_matmul.matmul(x, w, transpose_w=transpose_w, stream=stream)
+  assert got.dtype == jnp.bfloat16 and got.shape == (m, n)
+  got = np.asarray(got, np.float64)
+  exact = _reference(np.asarray(x, np.float32), np.asarray(w, np.float32), transpose_w)
+  np.testing.assert_allclose(got, exact, rtol=2.0 ** -8, atol=2e-6 * k)
+  want = np.asarray(jnp.matmul(x, w.T if transpose_w else w), np.float64)
+  np.testing.assert_allclose(got, want, rtol=2.0 ** -7, atol=2e-6 * k)
+  assert np.mean(got == want) > 0.99  # Mostly the very same bfloat16.
+
+
+def test_bfloat16_rows_are_bit_identical_whatever_the_other_rows():
+  k, n = 200, 300
+  x, w = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(3, 40, k, n, False))
+  packed = few_row_matmul.pack(w)
+  call = lambda x, stream: few_row_matmul.matmul(x, packed, packed=True, stream=stream)
+  whole = np.asarray(call(x, True)).view(np.uint16)
+  for start, size in ((0, 1), (17, 1), (3, 5), (11, 12), (25, 13)):
+    for stream in (True, False):
+      part = np.asarray(call(x[start:start + size], stream)).view(np.uint16)
+      np.testing.assert_array_equal(part, whole[start:start + size], err_msg=f"{start}+{size}")
 
 
 def test_gradients_are_xlas():
@@ -174,6 +204,12 @@ def test_lm_routes_cached_few_token_calls_only():
   full = jax.jit(lambda p, t: lm.LM(cfg).apply(p, t).logits).lower(
       params, jnp.zeros((2, 9), jnp.int32)).as_text()
   assert "effjax_few_row_matmul" not in full  # Training / full forwards stay on XLA.
+  bf16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+  bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+  bf16_cache = lm.init_cache(bf16, 2, 128)
+  assert _custom_calls(bf16, bf16_params, jnp.zeros((2, 9), jnp.int32), bf16_cache) == per_call
+  mixed = cfg.replace(param_dtype="bfloat16")  # float32 activations, bfloat16 weights: XLA's
+  assert not mixed.uses_few_row_matmul(cached=True, tokens_per_row=1)
   untied = cfg.replace(tie_embeddings=False)
   untied_params = lm.init_params(untied, jax.random.PRNGKey(0))
   assert _custom_calls(untied, untied_params, jnp.zeros((2, 1), jnp.int32), cache) == per_call
@@ -181,6 +217,21 @@ def test_lm_routes_cached_few_token_calls_only():
 
 def test_lm_cached_decoding_matches_xla():
   assert_kernel_decoding_matches_xla("matmul_impl")
+
+
+def test_lm_bfloat16_decoding_matches_xla():
+  """A bfloat16 model's cached calls through the kernel give XLA's logits to bfloat16 rounding."""
+  base = registry.get("lm/tiny", dtype="bfloat16", param_dtype="bfloat16")
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16),
+                        lm.init_params(base.replace(dtype="float32", param_dtype="float32"),
+                                       jax.random.PRNGKey(0)))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
+  decode = lambda impl: np.asarray(prefill_rollback_step_logits(base.replace(matmul_impl=impl),
+                                                                params, tokens))
+  got, want = decode("auto"), decode("xla")
+  # Within one bfloat16 step of the largest logit (identical here); the float32 model's logits are
+  # 0.05 away, so this also tells a bfloat16 path from one that skipped the rounding.
+  np.testing.assert_allclose(got, want, atol=2.0 ** -7 * np.abs(want).max(), rtol=0)
 
 
 def test_falls_back_to_xla_when_the_kernel_is_disabled(monkeypatch):

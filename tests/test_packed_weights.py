@@ -89,6 +89,28 @@ def test_other_instruction_sets_read_packed_panels_too(isa_flags):
                                     err_msg=f"{k}x{n}, stream={stream}")
 
 
+@pytest.mark.parametrize("isa_flags",
+                         [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "scalar"])
+def test_other_instruction_sets_widen_bfloat16_weights_alike(isa_flags):
+  """The bfloat16 handler of the AVX2 and scalar builds gives the AVX-512 build's bits."""
+  target = "effjax_few_row_matmul_bf16_" + "_".join(f.strip("-") for f in isa_flags)
+  reason = cpu_ffi.load(few_row_matmul._SOURCE, (*few_row_matmul._FLAGS, *isa_flags),
+                        "EffjaxFewRowMatmulBf16", target, "test build")
+  if reason is not None:
+    pytest.skip(reason)
+  rng = np.random.default_rng(2)
+  for k, n in SHAPES:
+    x = jnp.asarray(rng.standard_normal((9, k)), jnp.bfloat16)
+    w = few_row_matmul.pack(jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16))
+    for stream in (False, True):
+      got = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((9, n), jnp.bfloat16))(
+          x, w, transpose_w=False, stream=stream, packed=True)
+      want = few_row_matmul.matmul(x, w, packed=True, stream=stream)
+      np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                    np.asarray(want).view(np.uint16), err_msg=f"{k}x{n}")
+
+
 def test_packed_weights_must_be_k_by_n():
   x, w = jnp.ones((2, 8)), jnp.ones((5, 8))
   with pytest.raises(ValueError, match="transpose_w must be False"):

@@ -57,7 +57,7 @@ class LMConfig(Numerics):
   attention_kv_chunk: int = 512
   attention_interpret: Optional[bool] = None  # Force Pallas interpret mode (None: env / CPU default).
   # "auto": cached calls with few new tokens per row use effjax.ops.few_row_matmul on CPU
-  # (float32); "xla": always XLA's dot.
+  # (float32, or bfloat16 activations and weights); "xla": always XLA's dot.
   matmul_impl: str = "auto"
   matmul_precision: str = "default"  # "highest" for bit-exactness tests
   remat: bool = False
@@ -252,7 +252,7 @@ def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
   caches every step (`LMConfig.weights_stream`: 1.05-1.22x faster generation for the 126 MB
   `large` model) and not for ones the L2 caches hold, so for those it is a no-op unless `force` - as
   it is when the copies are there already, or where the kernel does not serve this config (other
-  backends, bfloat16, matmul_impl "xla"). A no-op still returns `{"params": ...}` variables.
+  backends, mixed float32 / bfloat16, matmul_impl "xla"). A no-op still returns `{"params": ...}` variables.
 
   q, k and v are packed as one matrix and so are gate and up (`_FUSED`): a decode step then makes
   4 matmul calls per layer instead of 7, each output column computed exactly as before (the

@@ -1,4 +1,4 @@
-"""Few-row float32 matmuls on CPU through a C++ kernel (XLA FFI custom call), built on first use.
+"""Few-row float32 and bfloat16 matmuls on CPU through a C++ kernel (XLA FFI custom call).
 
 A decode step multiplies a handful of rows (batch x new tokens: 1-9 when decoding or verifying a
 speculative draft, up to 65 for a Medusa tree) by every weight matrix of the model. XLA:CPU is
@@ -20,8 +20,14 @@ number of rows or the row's place among them (the kernel's contract; `tests/test
 checks it bit for bit). Speculative and Medusa decoding rely on that: their verification passes
 multiply more rows than plain decoding does, and must give the same logits bit for bit.
 
+bfloat16 (x and w both; the output too): the weights are widened to float32 as the kernel loads
+them and the sums run in float32, each output rounded to bfloat16 once, as XLA's bfloat16 dot does
+on CPU - the same values up to the order of the sums, from half the weight bytes (RESULTS.md,
+"bfloat16 through the few-row kernel"). Row independence holds as for float32.
+
 The LM routes its cached calls here (`LMConfig.matmul_impl="auto"`) when a row brings at most
-`MAX_TOKENS_PER_ROW` new tokens, the backend is CPU and the weights are float32. Gradients (never
+`MAX_TOKENS_PER_ROW` new tokens, the backend is CPU and activations and weights are both float32
+or both bfloat16. The kernel is built on first use. Gradients (never
 needed when decoding, but allowed) are XLA's. `EFFJAX_CPU_MATMUL_KERNEL=0` turns the kernel off;
 without a compiler it is off with a reason (`unavailable_reason`).
 """
@@ -49,6 +55,8 @@ STREAMING_WEIGHT_BYTES = 8 << 20
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "few_row_matmul.cc")
 _TARGET = "effjax_few_row_matmul"
+_TARGET_BF16 = "effjax_few_row_matmul_bf16"
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # No -ffast-math: the exactness contract needs the operations as written, fused multiply-adds
 # only where the source asks for them.
 _FLAGS = (*cpu_ffi.BASE_FLAGS, "-ffp-contract=off")
@@ -58,7 +66,9 @@ _FLAGS = (*cpu_ffi.BASE_FLAGS, "-ffp-contract=off")
 def _load() -> Optional[str]:
   if cpu_ffi.disabled("EFFJAX_CPU_MATMUL_KERNEL"):
     return "disabled by EFFJAX_CPU_MATMUL_KERNEL=0"
-  return cpu_ffi.load(_SOURCE, _FLAGS, "EffjaxFewRowMatmul", _TARGET, "CPU few-row matmul kernel")
+  return (cpu_ffi.load(_SOURCE, _FLAGS, "EffjaxFewRowMatmul", _TARGET, "CPU few-row matmul kernel")
+          or cpu_ffi.load(_SOURCE, _FLAGS, "EffjaxFewRowMatmulBf16", _TARGET_BF16,
+                          "CPU few-row matmul kernel (bfloat16)"))
 
 
 def unavailable_reason() -> Optional[str]:
@@ -70,8 +80,9 @@ def unsupported_reason(x_dtype, w_dtype) -> Optional[str]:
   """Why the kernel cannot serve x @ w on this backend with these dtypes, or None when it can."""
   if jax.default_backend() != "cpu":
     return "not a CPU backend"
-  if jnp.dtype(x_dtype) != jnp.float32 or jnp.dtype(w_dtype) != jnp.float32:
-    return f"dtypes x={jnp.dtype(x_dtype)}, w={jnp.dtype(w_dtype)} (the kernel is float32 only)"
+  if jnp.dtype(x_dtype) != jnp.dtype(w_dtype) or jnp.dtype(x_dtype) not in _DTYPES:
+    return (f"dtypes x={jnp.dtype(x_dtype)}, w={jnp.dtype(w_dtype)} (the kernel takes both float32 "
+            "or both bfloat16)")
   return unavailable_reason()
 
 
@@ -152,7 +163,8 @@ def unpack(packed: jax.Array) -> jax.Array:
 
 def _call(x2, w2, transpose_w: bool, stream: bool, packed: bool):
   n = w2.shape[0] if transpose_w else w2.shape[1]
-  return jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], n), jnp.float32),
+  target = _TARGET_BF16 if x2.dtype == jnp.bfloat16 else _TARGET
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], n), x2.dtype),
                           vmap_method="sequential")(x2, w2, transpose_w=transpose_w, stream=stream,
                                                     packed=packed)
 
@@ -181,7 +193,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False, stream: bool = False,
            packed: bool = False) -> jax.Array:
-  """x [..., K] @ w [K, N] (or w [N, K] with transpose_w) -> [..., N], float32, on CPU.
+  """x [..., K] @ w [K, N] (or w [N, K] with transpose_w) -> [..., N] in x's dtype, on CPU.
 
   `stream`: read weights in blocks reused from L1 (for models `reads_in_blocks` says come from
   DRAM); a speed hint, same results. `packed`: w is `pack(W)` for the [K, N] matrix W meant.

@@ -1,4 +1,4 @@
-// Few-row float32 matmul on CPU as an XLA FFI custom call: out[M, N] = x[M, K] @ W.
+// Few-row float32 (or bfloat16) matmul on CPU as an XLA FFI custom call: out = x[M, K] @ W.
 //
 // Why: a decode step multiplies a handful of rows (batch x new tokens) by every weight matrix.
 // There XLA:CPU takes 1.5-2.4x as long as torch (RESULTS.md, "Where the time goes": 72 us vs 30 us
@@ -18,6 +18,12 @@
 //               faster generation when the weights stream from DRAM (RESULTS.md).
 // Result:     out [M, N]
 //
+// Two handlers: EffjaxFewRowMatmul (float32 x, w, out) and EffjaxFewRowMatmulBf16 (bfloat16 x, w,
+// out - a bfloat16 model's cached calls). The bfloat16 one widens x to float32 once, the weights as
+// it loads them (exactly), accumulates in float32 like the float32 kernel, and rounds each output
+// to the nearest bfloat16 (ties to even), as XLA:CPU's bfloat16 dot does with its float32
+// accumulation: the same values up to the order of the sums. It reads half the weight bytes.
+//
 // Exactness contract (speculative and Medusa decoding compare their outputs with plain greedy
 // decoding bit for bit): every output element is computed by the same sequence of float
 // operations whatever M, the row's position in the batch, or the panel it falls in - "nn": one
@@ -26,6 +32,8 @@
 // reassociate them.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "few_row_matmul.h"
 #include "parallel_for.h"
@@ -35,29 +43,76 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> w, bool transpose_w, bool stream, bool packed,
-                            ffi::ResultBuffer<ffi::F32> out) {
-  const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[transpose_w ? 1 : 0]) {
-    return ffi::Error::InvalidArgument(
-        "effjax_few_row_matmul: x must be [M, K] and w [K, N] (or [N, K] with transpose_w)");
-  }
-  if (packed && transpose_w) {
-    return ffi::Error::InvalidArgument(
-        "effjax_few_row_matmul: packed weights are [K, N] panels; transpose_w must be false");
-  }
-  const int64_t n = wd[transpose_w ? 0 : 1];
-  const Problem problem{x.typed_data(), w.typed_data(), out->typed_data(), xd[0], xd[1], n,
-                        packed};
+// Runs problem p (whose x and out are float32) over XLA's intra-op threads.
+template <typename W>
+void run(ffi::ThreadPool& pool, const ProblemT<W>& problem, bool transpose_w, bool stream) {
   const int64_t unit = transpose_w ? kDotUnit : kUnit;  // Columns per work unit.
   // Below ~64K multiply-adds the work is a few microseconds: waking helpers would cost more.
-  const bool use_helpers = xd[0] * xd[1] * n >= (int64_t{1} << 16);
-  effjax::parallel_for(pool, (n + unit - 1) / unit, use_helpers,
+  const bool use_helpers = problem.m * problem.k * problem.n >= (int64_t{1} << 16);
+  effjax::parallel_for(pool, (problem.n + unit - 1) / unit, use_helpers,
                        [problem, transpose_w, stream](int64_t i) {
                          if (transpose_w) nt_unit(problem, i);
                          else nn_unit(problem, i, stream);
                        });
+}
+
+// Why the operand shapes or flags cannot be served (empty: they can); n is set to N.
+template <typename Dims>
+const char* check_shapes(const Dims& xd, const Dims& wd, bool transpose_w, bool packed,
+                         int64_t& n) {
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[transpose_w ? 1 : 0]) {
+    return "effjax_few_row_matmul: x must be [M, K] and w [K, N] (or [N, K] with transpose_w)";
+  }
+  if (packed && transpose_w) {
+    return "effjax_few_row_matmul: packed weights are [K, N] panels; transpose_w must be false";
+  }
+  n = wd[transpose_w ? 0 : 1];
+  return "";
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline uint16_t float_to_bf16(float value) {  // Round to nearest, ties to even; NaN stays NaN.
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+ffi::Error FewRowMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                                ffi::Buffer<ffi::BF16> w, bool transpose_w, bool stream,
+                                bool packed, ffi::ResultBuffer<ffi::BF16> out) {
+  int64_t n = 0;
+  const char* error = check_shapes(x.dimensions(), w.dimensions(), transpose_w, packed, n);
+  if (*error) return ffi::Error::InvalidArgument(error);
+  const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
+  thread_local std::vector<float> x32, out32;  // Scratch, reused across calls on each thread.
+  x32.resize(m * k);
+  out32.resize(m * n);
+  const uint16_t* xs = x.typed_data();
+  for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_float(xs[i]);
+  run(pool, ProblemT<uint16_t>{x32.data(), w.typed_data(), out32.data(), m, k, n, packed},
+      transpose_w, stream);
+  uint16_t* o = out->typed_data();
+  for (int64_t i = 0; i < m * n; ++i) o[i] = float_to_bf16(out32[i]);
+  return ffi::Error::Success();
+}
+
+ffi::Error FewRowMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> w, bool transpose_w, bool stream, bool packed,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  int64_t n = 0;
+  const char* error = check_shapes(x.dimensions(), w.dimensions(), transpose_w, packed, n);
+  if (*error) return ffi::Error::InvalidArgument(error);
+  run(pool, Problem{x.typed_data(), w.typed_data(), out->typed_data(), x.dimensions()[0],
+                    x.dimensions()[1], n, packed},
+      transpose_w, stream);
   return ffi::Error::Success();
 }
 
@@ -72,3 +127,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxFewRowMatmul, FewRowMatmulImpl,
                                   .Attr<bool>("stream")
                                   .Attr<bool>("packed")
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxFewRowMatmulBf16, FewRowMatmulBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<bool>("transpose_w")
+                                  .Attr<bool>("stream")
+                                  .Attr<bool>("packed")
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

@@ -1,14 +1,15 @@
-// The few-row float32 matmul's tiles, shared by the FFI kernels that multiply a few rows by
-// weight matrices: few_row_matmul.cc (one matmul per call) and fused_lm_step.cc (a whole
-// small LM's decode step per call). The operands, layouts and exactness contract are
-// few_row_matmul.cc's; entry points: nn_unit (x @ W, kUnit columns) and nt_unit (x @ W^T,
-// kDotUnit columns), each for every row of a `Problem`.
+// The few-row matmul's tiles (float32 rows, float32 or bfloat16 weights, float32 sums), shared by
+// the FFI kernels that multiply a few rows by weight matrices: few_row_matmul.cc (one matmul per
+// call) and fused_lm_step.cc (a whole small LM's decode step per call). The operands, layouts and
+// exactness contract are few_row_matmul.cc's; entry points: nn_unit (x @ W, kUnit columns) and
+// nt_unit (x @ W^T, kDotUnit columns), each for every row of a `ProblemT`.
 #ifndef EFFJAX_FEW_ROW_MATMUL_H_
 #define EFFJAX_FEW_ROW_MATMUL_H_
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -74,10 +75,40 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return std::fma(a, b, c); }
 inline float vsum(Vec v) { return v; }
 #endif
 
+// Weights are float32, or bfloat16 (as its bits, uint16_t) widened to float32 as they are loaded: a
+// bfloat16 weight is the top half of the float32 with the same value, so the widening is exact and
+// the arithmetic is the float32 kernel's, on half the bytes.
+inline Vec wload(const float* p) { return vload(p); }
+inline Vec wload_n(const float* p, int n) { return vload_n(p, n); }
+#if defined(__AVX512F__)
+inline Vec wload(const uint16_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline Vec wload(const uint16_t* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+#else
+inline Vec wload(const uint16_t* p) {
+  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+#endif
+inline Vec wload_n(const uint16_t* p, int n) {  // Partial vectors (a narrow last panel) only.
+  uint16_t lanes[kLanes] = {};
+  std::copy(p, p + n, lanes);
+  return wload(lanes);
+}
+
 // Pins a loaded weight vector in its register. Without it GCC folds the load into every row's FMA
 // (`vfmadd231ps (mem), ...`) for tiles of 2-4 rows, re-reading each weight vector once per row; on
 // AMD Zen 4, which loads one 512-bit vector per cycle, a [4, 256] x [256, 768] tile then ran at 61
-// GFLOP/s from L2 instead of 111 (one core; 2 rows 62 -> 94, 9 rows 90 -> 110; RESULTS.md, "A new machine").
+// GFLOP/s from L2 instead of 111 (one core; 2 rows 62 -> 94, 9 rows 90 -> 110; RESULTS.md, "A new
+// machine").
 inline void keep_in_register(Vec& v) {
 #if defined(__AVX512F__) || defined(__AVX2__)
   asm("" : "+v"(v));
@@ -102,16 +133,20 @@ constexpr int64_t kKBlock = 64;  // Weight rows per block: 32 KB of a 128-column
 constexpr int64_t kPanel = 128;
 static_assert(kPanel % kUnit == 0, "a work unit must not straddle two packed panels");
 
-struct Problem {
+// W: the weights' element type, float or uint16_t (bfloat16 bits); x and out are float32.
+template <typename W>
+struct ProblemT {
   const float* x;
-  const float* w;
+  const W* w;
   float* out;
   int64_t m, k, n;
   bool packed;
 };
+using Problem = ProblemT<float>;
 
 // Where weight row k0 of column c0 lives, and `ld`, the distance to the next weight row.
-inline const float* weight_row(const Problem& p, int64_t k0, int64_t c0, int64_t& ld) {
+template <typename W>
+inline const W* weight_row(const ProblemT<W>& p, int64_t k0, int64_t c0, int64_t& ld) {
   if (!p.packed) {
     ld = p.n;
     return p.w + k0 * p.n + c0;
@@ -162,8 +197,8 @@ struct Prefetch {
 // Rows [r0, r0 + kRows) x columns [c0, c0 + width) of out, width <= kVecs * kLanes.
 // kFull: width == kVecs * kLanes (no masked loads).
 // Over weight rows [k0, k1): k0 == 0 starts from zero, else from the partial sums in out.
-template <int kRows, int kVecs, bool kFull>
-void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width, int64_t k0, int64_t k1,
+template <int kRows, int kVecs, bool kFull, typename W>
+void nn_tile(const ProblemT<W>& p, int64_t r0, int64_t c0, int64_t width, int64_t k0, int64_t k1,
              Prefetch* next) {
   int lanes[kVecs];  // Columns each vector covers (partial tiles only).
   for (int j = 0; j < kVecs; ++j)
@@ -179,12 +214,12 @@ void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width, int64_t k0
   }
   const float* x = p.x + r0 * p.k;
   int64_t ld;
-  const float* w = weight_row(p, k0, c0, ld);
+  const W* w = weight_row(p, k0, c0, ld);
   for (int64_t kk = k0; kk < k1; ++kk, w += ld) {
     if (next != nullptr) next->step();
     Vec wv[kVecs];
     for (int j = 0; j < kVecs; ++j)
-      wv[j] = kFull ? vload(w + j * kLanes) : vload_n(w + j * kLanes, lanes[j]);
+      wv[j] = kFull ? wload(w + j * kLanes) : wload_n(w + j * kLanes, lanes[j]);
     if constexpr (kRows > 1) {
       for (int j = 0; j < kVecs; ++j) keep_in_register(wv[j]);
     }
@@ -202,8 +237,8 @@ void nn_tile(const Problem& p, int64_t r0, int64_t c0, int64_t width, int64_t k0
   }
 }
 
-template <int kVecs>
-void nn_rows(const Problem& p, int64_t r0, int rows, int64_t c0, int64_t width, int64_t k0,
+template <int kVecs, typename W>
+void nn_rows(const ProblemT<W>& p, int64_t r0, int rows, int64_t c0, int64_t width, int64_t k0,
              int64_t k1, Prefetch* next = nullptr) {
   constexpr int64_t kCols = kVecs * kLanes;
   const bool full = width == kCols;
@@ -222,7 +257,8 @@ void nn_rows(const Problem& p, int64_t r0, int rows, int64_t c0, int64_t width, 
 
 // Rows [r0, m) over weight rows [k0, k1): narrow groups of up to kMaxRows rows, a wide last one.
 // `next`: the block to prefetch meanwhile.
-void nn_row_groups(const Problem& p, int64_t r0, int64_t c0, int64_t width, int64_t k0,
+template <typename W>
+void nn_row_groups(const ProblemT<W>& p, int64_t r0, int64_t c0, int64_t width, int64_t k0,
                    int64_t k1, Prefetch* next = nullptr) {
   constexpr int64_t kNarrow = kNarrowVecs * kLanes;
   while (r0 < p.m) {
@@ -239,7 +275,8 @@ void nn_row_groups(const Problem& p, int64_t r0, int64_t c0, int64_t width, int6
 }
 
 // One work unit of "nn": kUnit columns, every row.
-void nn_unit(const Problem& p, int64_t unit, bool stream) {
+template <typename W>
+void nn_unit(const ProblemT<W>& p, int64_t unit, bool stream) {
   const int64_t c0 = unit * kUnit, width = std::min(kUnit, p.n - c0);
   if (!stream || p.m <= kWideRows) return nn_row_groups(p, 0, c0, width, 0, p.k);
   // Tiles the rows past the first kWideRows take per block (nn_row_groups' split), to spread the
@@ -257,25 +294,25 @@ void nn_unit(const Problem& p, int64_t unit, bool stream) {
     const int64_t k1 = std::min(p.k, k0 + kKBlock);
     nn_rows<kWideVecs>(p, 0, kWideRows, c0, width, k0, k1);  // Reads the block from memory.
     int64_t ld = 0;
-    const float* next_row = k1 < p.k ? weight_row(p, k1, c0, ld) : nullptr;
-    Prefetch next(reinterpret_cast<const char*>(next_row), ld * 4, width * 4,
+    const W* next_row = k1 < p.k ? weight_row(p, k1, c0, ld) : nullptr;
+    Prefetch next(reinterpret_cast<const char*>(next_row), ld * sizeof(W), width * sizeof(W),
                   std::min(p.k, k1 + kKBlock) - k1, tiles * (k1 - k0));
     nn_row_groups(p, kWideRows, c0, width, k0, k1, &next);  // Finds it in L1.
   }
 }
 
 // "nt": rows [r0, r0 + kRows) x columns [c0, c0 + kCols); each a dot product of x's row and w's.
-template <int kRows, int kCols>
-void nt_tile(const Problem& p, int64_t r0, int64_t c0) {
+template <int kRows, int kCols, typename W>
+void nt_tile(const ProblemT<W>& p, int64_t r0, int64_t c0) {
   Vec acc[kRows][kCols];
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < kCols; ++c) acc[r][c] = vzero();
   const float* x = p.x + r0 * p.k;
-  const float* w = p.w + c0 * p.k;
+  const W* w = p.w + c0 * p.k;
   int64_t kk = 0;
   for (; kk + kLanes <= p.k; kk += kLanes) {
     Vec wv[kCols];
-    for (int c = 0; c < kCols; ++c) wv[c] = vload(w + c * p.k + kk);
+    for (int c = 0; c < kCols; ++c) wv[c] = wload(w + c * p.k + kk);
     for (int r = 0; r < kRows; ++r) {
       const Vec xv = vload(x + r * p.k + kk);
       for (int c = 0; c < kCols; ++c) acc[r][c] = vfma(xv, wv[c], acc[r][c]);
@@ -284,7 +321,7 @@ void nt_tile(const Problem& p, int64_t r0, int64_t c0) {
   if (kk < p.k) {
     const int tail = static_cast<int>(p.k - kk);
     Vec wv[kCols];
-    for (int c = 0; c < kCols; ++c) wv[c] = vload_n(w + c * p.k + kk, tail);
+    for (int c = 0; c < kCols; ++c) wv[c] = wload_n(w + c * p.k + kk, tail);
     for (int r = 0; r < kRows; ++r) {
       const Vec xv = vload_n(x + r * p.k + kk, tail);
       for (int c = 0; c < kCols; ++c) acc[r][c] = vfma(xv, wv[c], acc[r][c]);
@@ -298,8 +335,8 @@ constexpr int kDotRows = 4;
 constexpr int kDotCols = 4;  // "nt": 4 output columns per block.
 constexpr int64_t kDotUnit = 64;
 
-template <int kCols>
-void nt_rows(const Problem& p, int64_t r0, int rows, int64_t c0) {
+template <int kCols, typename W>
+void nt_rows(const ProblemT<W>& p, int64_t r0, int rows, int64_t c0) {
   switch (rows) {
     case 1: return nt_tile<1, kCols>(p, r0, c0);
     case 2: return nt_tile<2, kCols>(p, r0, c0);
@@ -309,7 +346,8 @@ void nt_rows(const Problem& p, int64_t r0, int rows, int64_t c0) {
 }
 
 // One work unit of "nt": 64 output columns, every row.
-void nt_unit(const Problem& p, int64_t unit) {
+template <typename W>
+void nt_unit(const ProblemT<W>& p, int64_t unit) {
   const int64_t c_end = std::min(p.n, (unit + 1) * kDotUnit);
   for (int64_t r0 = 0; r0 < p.m; r0 += kDotRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kDotRows, p.m - r0));
