@@ -60,6 +60,27 @@ def test_matches_xla_including_empty_rows(name):
   np.testing.assert_array_equal(lse[0], np.float32(MASK_VALUE))
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bfloat16_cache_rounds_float32_attention_once(name):
+  """bfloat16 q and cache: widened as read, float32 sums, each output rounded once to bfloat16 -
+  within one bfloat16 step of float32 attention over the same (widened) values, and no further
+  from it than XLA's bfloat16 attention, which also rounds the probabilities to bfloat16."""
+  t, n, kh, h, s, window, softcap = CASES[name]
+  q, k, v = (x.astype(jnp.bfloat16) for x in _inputs(0, 3, t, n, kh, h, s))
+  lengths = jnp.asarray([0, s // 2, s])
+  pos = jnp.maximum(lengths[:, None] - t, 0) + jnp.arange(t)[None, :]
+  spec = MaskSpec(causal=True, q_positions=pos, kv_lengths=lengths, local_window=window)
+  out, lse = _attend("cpu_decode", q, k, v, spec, softcap)
+  assert out.dtype == jnp.bfloat16
+  exact_out, exact_lse = _attend("xla", *(x.astype(jnp.float32) for x in (q, k, v)), spec, softcap)
+  out, exact_out = np.asarray(out, np.float32), np.asarray(exact_out)
+  np.testing.assert_allclose(out, exact_out, atol=1e-6, rtol=2.0 ** -7)
+  np.testing.assert_allclose(lse, exact_lse, atol=2e-6, rtol=1e-6)
+  np.testing.assert_array_equal(out[0], 0.0)
+  xla_out = np.asarray(_attend("xla", q, k, v, spec, softcap)[0], np.float32)
+  assert np.abs(out - exact_out).mean() <= np.abs(xla_out - exact_out).mean()
+
+
 @pytest.mark.parametrize("isa_flags",
                          [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
                          ids=["avx2", "scalar"])
@@ -70,16 +91,26 @@ def test_other_instruction_sets_match_xla(isa_flags, monkeypatch):
                         "EffjaxCpuDecodeAttention", target, "test build")
   if reason is not None:
     pytest.skip(reason)
-  monkeypatch.setattr(cpu_decode, "_TARGET", target)
+  reason = cpu_ffi.load(cpu_decode._SOURCE, (*cpu_decode._FLAGS, *isa_flags),
+                        "EffjaxCpuDecodeAttentionBf16", target + "_bf16", "test build")
+  assert reason is None, reason
   for name in sorted(CASES):
     t, n, kh, h, s, window, softcap = CASES[name]
     q, k, v = _inputs(0, 3, t, n, kh, h, s)
     lengths = jnp.asarray([0, s // 2, s])
     pos = jnp.maximum(lengths[:, None] - t, 0) + jnp.arange(t)[None, :]
     spec = MaskSpec(causal=True, q_positions=pos, kv_lengths=lengths, local_window=window)
-    for got, want in zip(_attend("cpu_decode", q, k, v, spec, softcap),
-                         _attend("xla", q, k, v, spec, softcap)):
-      np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6, err_msg=name)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    want_bf16 = np.asarray(_attend("cpu_decode", *bf16, spec, softcap)[0], np.float32)
+    with monkeypatch.context() as patch:
+      patch.setattr(cpu_decode, "_TARGET", target)
+      patch.setattr(cpu_decode, "_TARGET_BF16", target + "_bf16")
+      for got, want in zip(_attend("cpu_decode", q, k, v, spec, softcap),
+                           _attend("xla", q, k, v, spec, softcap)):
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6, err_msg=name)
+      # bfloat16: the AVX-512 build's outputs to one bfloat16 step (sums in another order).
+      got_bf16 = np.asarray(_attend("cpu_decode", *bf16, spec, softcap)[0], np.float32)
+      np.testing.assert_allclose(got_bf16, want_bf16, atol=1e-6, rtol=2.0 ** -7, err_msg=name)
 
 
 def test_non_causal_with_lengths_and_default_positions():
@@ -196,7 +227,8 @@ def test_auto_routes_cache_calls_to_the_kernel_and_the_rest_to_xla():
                        kv_lengths=jnp.asarray([39, 39]))
   assert _uses_kernel(long_q, k, v, long_spec, kv_layout="flat")
   bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  assert not _uses_kernel(*bf16, spec, kv_layout="flat")
+  assert _uses_kernel(*bf16, spec, kv_layout="flat")  # A bfloat16 model's cache too
+  assert not _uses_kernel(q, *bf16[1:], spec, kv_layout="flat")  # Mixed dtypes: XLA's
   dense = MaskSpec(causal=True, q_positions=spec.q_positions, kv_lengths=spec.kv_lengths,
                    extra_mask=jnp.ones((2, 3, 40), bool))
   assert not _uses_kernel(q, k, v, dense, kv_layout="flat")  # A dense extra mask: XLA's
@@ -209,7 +241,7 @@ def test_explicit_impl_explains_what_it_cannot_serve():
   bskh = lambda x: x.reshape(2, 2, 40, 32).transpose(0, 2, 1, 3)
   with pytest.raises(ValueError, match=r"impl='cpu_decode' cannot serve this call: .*flat"):
     dot_product_attention(q, bskh(k), bskh(v), impl="cpu_decode", strict=True)
-  with pytest.raises(ValueError, match="float32 only"):
+  with pytest.raises(ValueError, match="both float32 or both bfloat16"):
     dot_product_attention(q.astype(jnp.bfloat16), k, v, impl="cpu_decode", strict=True,
                           kv_layout="flat")
   # Not strict: falls back to XLA with the same result.

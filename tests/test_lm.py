@@ -84,6 +84,26 @@ def test_packed_segments_do_not_see_each_other(tiny):
   np.testing.assert_allclose(out[:, :6], model.apply(params, a).logits, atol=2e-5)
 
 
+def test_bfloat16_cache_writes_exact_values_in_place():
+  """A bfloat16 cache is written through its bits (XLA:CPU has no bfloat16 scatter): the new
+  keys land at each row's slots exactly, with every other slot as it was, also under jit."""
+  from effjax.models.lm import _write_cache
+  rng = np.random.default_rng(0)
+  buf = jnp.asarray(rng.standard_normal((6, 10, 4)), jnp.bfloat16)  # [B*K = 3*2, S, H]
+  new = jnp.asarray(rng.standard_normal((3, 2, 2, 4)), jnp.bfloat16)  # [B, T, K, H]
+  starts = jnp.asarray([0, 3, 9])  # Row 2's second token falls off the end: dropped.
+  want = np.asarray(buf, np.float32).copy()
+  for b in range(3):
+    for k in range(2):
+      for t in range(2):
+        if starts[b] + t < 10:
+          want[b * 2 + k, int(starts[b]) + t] = np.asarray(new[b, t, k], np.float32)
+  for write in (_write_cache, jax.jit(_write_cache)):
+    got = write(buf, new, starts)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
 def test_llama3_rope_scaling_bands():
   base = rope_inv_freq(64, 500000.0)
   scaled = rope_inv_freq(64, 500000.0, (8.0, 1.0, 4.0, 8192))

@@ -9,7 +9,8 @@ up to 128 of its G*T query rows at a time, only over the slots those rows can se
 small Eigen matmul per (row, kv head) over every slot of the allocated cache (RESULTS.md, "What
 still limits batch 8"): 1.9-2.5x faster for one-token decoding, 3-6x for a prefill of 64-1,024
 tokens (RESULTS.md, "Prefill attention through the kernel; prefetching from DRAM"). Its scratch is
-128 x S floats per thread.
+128 x S floats per thread. A bfloat16 cache (with bfloat16 q) is widened to float32 as it is read,
+the sums are float32 and the output is rounded to bfloat16 once, as XLA does for the same call.
 
 Build: `effjax.ops.cpu_ffi` compiles the source once per source/jaxlib/CPU combination into
 `$EFFJAX_KERNEL_CACHE` (default `~/.cache/effjax/kernels`), in a few seconds. Without a compiler,
@@ -35,6 +36,7 @@ from effjax.ops import cpu_ffi
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels",
                        "decode_attention.cc")
 _TARGET = "effjax_cpu_decode_attention"
+_TARGET_BF16 = "effjax_cpu_decode_attention_bf16"
 _FLAGS = (*cpu_ffi.BASE_FLAGS, "-ffast-math", "-fopenmp-simd")
 
 
@@ -43,8 +45,10 @@ def _load() -> Optional[str]:
   """Builds (once) and registers the kernel; returns why it is unavailable, or None."""
   if cpu_ffi.disabled("EFFJAX_CPU_DECODE_KERNEL"):
     return "disabled by EFFJAX_CPU_DECODE_KERNEL=0"
-  return cpu_ffi.load(_SOURCE, _FLAGS, "EffjaxCpuDecodeAttention", _TARGET,
-                      "CPU decode-attention kernel")
+  return (cpu_ffi.load(_SOURCE, _FLAGS, "EffjaxCpuDecodeAttention", _TARGET,
+                       "CPU decode-attention kernel")
+          or cpu_ffi.load(_SOURCE, _FLAGS, "EffjaxCpuDecodeAttentionBf16", _TARGET_BF16,
+                          "CPU decode-attention kernel (bfloat16)"))
 
 
 def unavailable_reason() -> Optional[str]:
@@ -61,8 +65,8 @@ def unsupported_reason(q, k, spec: MaskSpec, kv_layout: str) -> Optional[str]:
     return "it reads the LM cache's flat [B*K, S, H] layout only (kv_layout='flat')"
   if jax.default_backend() != "cpu":
     return "not a CPU backend"
-  if q.dtype != jnp.float32 or k.dtype != jnp.float32:
-    return f"dtypes q={q.dtype}, k={k.dtype} (the kernel is float32 only)"
+  if q.dtype != k.dtype or q.dtype not in (jnp.float32, jnp.bfloat16):
+    return f"dtypes q={q.dtype}, k={k.dtype} (the kernel takes both float32 or both bfloat16)"
   if (spec.extra_mask is not None or spec.q_segment_ids is not None
       or spec.kv_positions is not None):
     return "extra masks, segment ids and explicit key positions are XLA's"
@@ -114,8 +118,9 @@ def _call_kernel(q, k, v, spec: MaskSpec, scale: float, softcap: Optional[float]
   bits = _tree_bits(spec, b, t)  # [B, T, W]
   bits = jnp.broadcast_to(bits[:, None, None], (b, kh, g, *bits.shape[1:])).reshape(
       bk, m, bits.shape[-1])  # [B*K, G*T, W]
+  target = _TARGET_BF16 if q.dtype == jnp.bfloat16 else _TARGET
   out, lse = jax.ffi.ffi_call(
-      _TARGET, (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32),  # q's layout: no copies
+      target, (jax.ShapeDtypeStruct((b, t, n, h), q.dtype),  # q's layout: no copies
                 jax.ShapeDtypeStruct((bk, m), jnp.float32)),
       vmap_method="sequential",  # Correct under any vmap; the LM never vmaps its cached calls.
   )(q, k, v, per_row(lo), per_row(hi), bits, scale=np.float32(scale),

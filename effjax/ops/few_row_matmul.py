@@ -23,7 +23,7 @@ multiply more rows than plain decoding does, and must give the same logits bit f
 bfloat16 (x and w both; the output too): the weights are widened to float32 as the kernel loads
 them and the sums run in float32, each output rounded to bfloat16 once, as XLA's bfloat16 dot does
 on CPU - the same values up to the order of the sums, from half the weight bytes (RESULTS.md,
-"bfloat16 through the few-row kernel"). Row independence holds as for float32.
+"bfloat16 decoding"). Row independence holds as for float32.
 
 The LM routes its cached calls here (`LMConfig.matmul_impl="auto"`) when a row brings at most
 `MAX_TOKENS_PER_ROW` new tokens, the backend is CPU and activations and weights are both float32

@@ -48,7 +48,24 @@ namespace {
 // is built with -ffast-math, which may assume there are no infinities).
 constexpr float kMasked = -1e30f;
 
+// Keys and values are float32, or bfloat16 (its bits, uint16_t) widened to float32 as they are
+// read - exactly: a bfloat16 is the top half of the float32 with the same value. The arithmetic
+// is float32 either way.
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 #if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
 // Horizontal sums of 16 vectors at once: lane u of the result is the sum of p[u]'s 16 lanes. Every
 // sum is the same tree (lanes 8 apart, then 4, 2, 1), so a key's logit does not depend on its place
 // among the 16. About 3 instructions per sum where one reduction each takes ~8.
@@ -71,8 +88,8 @@ inline __m512 sum16(const __m512 (&p)[16]) {
 }
 
 // Asks for slots [first, last) of a [S, kHeadDim] slice (`locality` 3: into L1, 2: into L2).
-template <int64_t kHeadDim>
-inline void prefetch_slots(const float* slice, int64_t first, int64_t last, int locality) {
+template <int64_t kHeadDim, typename KV>
+inline void prefetch_slots(const KV* slice, int64_t first, int64_t last, int locality) {
   const char* line = reinterpret_cast<const char*>(slice + first * kHeadDim);
   const char* end = reinterpret_cast<const char*>(slice + last * kHeadDim);
   for (; line < end; line += 64) {
@@ -85,9 +102,9 @@ inline void prefetch_slots(const float* slice, int64_t first, int64_t last, int 
 // [first, last), 16 keys at a time (the last group repeats the last key; its extra sums are not
 // stored). With `v` (the block's values; nullptr: no prefetching), each group also asks for the
 // keys two groups ahead (into L1) and for its own slots' values (into L2, for the values pass).
-template <int64_t kHeadDim>
-void logits_avx512(const float* q, const int64_t* rows, const float* k, int64_t m, int64_t first,
-                   int64_t last, float scale, float* logits, const float* v) {
+template <int64_t kHeadDim, typename KV>
+void logits_avx512(const float* q, const int64_t* rows, const KV* k, int64_t m, int64_t first,
+                   int64_t last, float scale, float* logits, const KV* v) {
   constexpr int kVecs = kHeadDim / 16;
   const int64_t width = last - first;
   for (int64_t j0 = first; j0 < last; j0 += 16) {
@@ -95,7 +112,7 @@ void logits_avx512(const float* q, const int64_t* rows, const float* k, int64_t 
       prefetch_slots<kHeadDim>(k, std::min(j0 + 32, last), std::min(j0 + 48, last), 3);
       prefetch_slots<kHeadDim>(v, j0, std::min(j0 + 16, last), 2);
     }
-    const float* keys[16];
+    const KV* keys[16];
     for (int u = 0; u < 16; ++u) keys[u] = k + std::min(j0 + u, last - 1) * kHeadDim;
     const int n = static_cast<int>(std::min<int64_t>(16, last - j0));
     for (int64_t r = 0; r < m; ++r) {
@@ -103,9 +120,9 @@ void logits_avx512(const float* q, const int64_t* rows, const float* k, int64_t 
       for (int i = 0; i < kVecs; ++i) qv[i] = _mm512_loadu_ps(q + rows[r] + 16 * i);
       __m512 partial[16];
       for (int u = 0; u < 16; ++u) {
-        __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys[u]));
+        __m512 acc = _mm512_mul_ps(qv[0], load16(keys[u]));
         for (int i = 1; i < kVecs; ++i)
-          acc = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(keys[u] + 16 * i), acc);
+          acc = _mm512_fmadd_ps(qv[i], load16(keys[u] + 16 * i), acc);
         partial[u] = acc;
       }
       const __m512 dots = _mm512_mul_ps(sum16(partial), _mm512_set1_ps(scale));
@@ -116,8 +133,10 @@ void logits_avx512(const float* q, const int64_t* rows, const float* k, int64_t 
 }
 #endif
 
+template <typename KV>
 struct Problem {
-  const float *q, *k, *v;
+  const float* q;  // float32 (a bfloat16 call's q, widened)
+  const KV *k, *v;
   const int32_t *lo, *hi, *tree;
   float *out, *lse;
   int64_t m, s, h, words;
@@ -129,7 +148,8 @@ struct Problem {
 
 // Offsets in q and out of block's rows r0 <= m < r0 + count (m = g * T + t: query head k * G + g
 // of token t of row b), as rows[m - r0].
-inline void row_offsets(const Problem& p, int64_t block, int64_t r0, int64_t count,
+template <typename KV>
+inline void row_offsets(const Problem<KV>& p, int64_t block, int64_t r0, int64_t count,
                         std::vector<int64_t>& rows) {
   const int64_t b = block / p.kv_heads, k = block % p.kv_heads, g_heads = p.n / p.kv_heads;
   rows.resize(count);
@@ -140,7 +160,8 @@ inline void row_offsets(const Problem& p, int64_t block, int64_t r0, int64_t cou
 }
 
 // Row r's visible slots lie in [a, b) (a >= b: it sees none). `has_tree`: some tree bit is set.
-inline void row_extent(const Problem& p, const int32_t* lo, const int32_t* hi, const int32_t* tree,
+template <typename KV>
+inline void row_extent(const Problem<KV>& p, const int32_t* lo, const int32_t* hi, const int32_t* tree,
                        int64_t r, int64_t& a, int64_t& b, bool& has_tree) {
   a = std::clamp<int64_t>(lo[r], 0, p.s);
   b = std::clamp<int64_t>(hi[r], 0, p.s);
@@ -155,22 +176,23 @@ inline void row_extent(const Problem& p, const int32_t* lo, const int32_t* hi, c
   }
 }
 
-inline bool tree_bit(const Problem& p, const int32_t* tree_row, int64_t i) {
+template <typename KV>
+inline bool tree_bit(const Problem<KV>& p, const int32_t* tree_row, int64_t i) {
   return i >= 0 && i < 32 * p.words &&
          ((static_cast<uint32_t>(tree_row[i >> 5]) >> (i & 31)) & 1u) != 0;
 }
 
 // acc[0:h] += weights[j] * v[j] for j in [first, last), in slot order, zero weights skipped.
-template <int64_t kHeadDim>
-inline void add_weighted_values(const float* weights, const float* v, int64_t first, int64_t last,
+template <int64_t kHeadDim, typename KV>
+inline void add_weighted_values(const float* weights, const KV* v, int64_t first, int64_t last,
                                 int64_t h, float* acc) {
   const int64_t dim = kHeadDim > 0 ? kHeadDim : h;
   for (int64_t j = first; j < last; ++j) {
     const float w = weights[j];
     if (w == 0.0f) continue;
-    const float* vj = v + j * dim;
+    const KV* vj = v + j * dim;
 #pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) acc[d] += w * vj[d];
+    for (int64_t d = 0; d < dim; ++d) acc[d] += w * to_float(vj[d]);
   }
 }
 
@@ -180,9 +202,9 @@ inline void add_weighted_values(const float* weights, const float* v, int64_t fi
 // was (a masked multiply-add), exactly as if the slot were skipped, so a row's sum never depends on
 // which rows share its group - or on the values in slots it cannot see. `next_k` (nullptr: none):
 // a [S, kHeadDim] slice whose slots j to ask for into L2 meanwhile (the next block's keys).
-template <int64_t kHeadDim, int kRows>
-void values_rows_avx512(const float* weights, int64_t width, const float* v, int64_t first,
-                        int64_t last, float* out, const int64_t* rows, const float* next_k) {
+template <int64_t kHeadDim, int kRows, typename KV>
+void values_rows_avx512(const float* weights, int64_t width, const KV* v, int64_t first,
+                        int64_t last, float* out, const int64_t* rows, const KV* next_k) {
   constexpr int kVecs = kHeadDim / 16;
   __m512 acc[kRows][kVecs];
   for (int r = 0; r < kRows; ++r)
@@ -197,7 +219,7 @@ void values_rows_avx512(const float* weights, int64_t width, const float* v, int
     if (next_k != nullptr) prefetch_slots<kHeadDim>(next_k, j, j + 1, 2);
     if (!any) continue;
     __m512 vj[kVecs];
-    for (int i = 0; i < kVecs; ++i) vj[i] = _mm512_loadu_ps(v + j * kHeadDim + 16 * i);
+    for (int i = 0; i < kVecs; ++i) vj[i] = load16(v + j * kHeadDim + 16 * i);
     for (int r = 0; r < kRows; ++r) {
       const __mmask16 live = w[r] != 0.0f ? 0xFFFF : 0;
       const __m512 wv = _mm512_set1_ps(w[r]);
@@ -211,16 +233,16 @@ void values_rows_avx512(const float* weights, int64_t width, const float* v, int
 
 // Every row's output through values_rows_avx512, in groups of up to 6 rows and at most 16
 // accumulator registers; the first group asks for `next_k`'s slots.
-template <int64_t kHeadDim>
-void values_avx512(const float* weights, int64_t m, int64_t width, const float* v, int64_t first,
-                   int64_t last, float* out, const int64_t* rows, const float* next_k) {
+template <int64_t kHeadDim, typename KV>
+void values_avx512(const float* weights, int64_t m, int64_t width, const KV* v, int64_t first,
+                   int64_t last, float* out, const int64_t* rows, const KV* next_k) {
   constexpr int kGroup = std::max<int>(1, std::min<int>(6, 16 / (kHeadDim / 16)));
   int64_t r = 0;
   for (; r + kGroup <= m; r += kGroup)
-    values_rows_avx512<kHeadDim, kGroup>(weights + r * width, width, v, first, last, out, rows + r,
+    values_rows_avx512<kHeadDim, kGroup, KV>(weights + r * width, width, v, first, last, out, rows + r,
                                          r == 0 ? next_k : nullptr);
   for (; r < m; ++r)
-    values_rows_avx512<kHeadDim, 1>(weights + r * width, width, v, first, last, out, rows + r,
+    values_rows_avx512<kHeadDim, 1, KV>(weights + r * width, width, v, first, last, out, rows + r,
                                     r == 0 ? next_k : nullptr);
 }
 #endif
@@ -246,13 +268,13 @@ constexpr int64_t kRowChunk = 128;
 // One work unit: rows [r0, r0 + kRowChunk) (at most) of one (batch row, kv head) block of q against
 // keys lo..hi of the block's [S, H] slice. kHeadDim > 0 fixes the head dim at compile time (the
 // inner loops unroll and the accumulators stay in registers); 0 reads it from the problem.
-template <int64_t kHeadDim>
-void attend_block(const Problem& p, int64_t block, int64_t r0, std::vector<float>& logits,
+template <int64_t kHeadDim, typename KV>
+void attend_block(const Problem<KV>& p, int64_t block, int64_t r0, std::vector<float>& logits,
                   std::vector<int64_t>& rows) {
   const int64_t m = std::min(kRowChunk, p.m - r0);
   const float* q = p.q;  // Row r at q + rows[r], as out's.
-  const float* k = p.k + block * p.s * p.h;
-  const float* v = p.v + block * p.s * p.h;
+  const KV* k = p.k + block * p.s * p.h;
+  const KV* v = p.v + block * p.s * p.h;
   const int32_t* lo = p.lo + block * p.m + r0;
   const int32_t* hi = p.hi + block * p.m + r0;
   const int32_t* tree = p.tree + (block * p.m + r0) * p.words;
@@ -285,12 +307,12 @@ void attend_block(const Problem& p, int64_t block, int64_t r0, std::vector<float
   } else
 #endif
   for (int64_t j = first; j < last; ++j) {
-    const float* kj = k + j * h;
+    const KV* kj = k + j * h;
     for (int64_t r = 0; r < m; ++r) {
       const float* qr = q + rows[r];
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < h; ++d) dot += qr[d] * kj[d];
+      for (int64_t d = 0; d < h; ++d) dot += qr[d] * to_float(kj[d]);
       logits[r * width + (j - first)] = dot * p.scale;
     }
   }
@@ -349,43 +371,43 @@ void attend_block(const Problem& p, int64_t block, int64_t r0, std::vector<float
     float* o = out + rows[r];
     if constexpr (kHeadDim > 0) {
       float acc[kHeadDim] = {};
-      add_weighted_values<kHeadDim>(weights, v, first, last, h, acc);
+      add_weighted_values<kHeadDim, KV>(weights, v, first, last, h, acc);
       std::copy(acc, acc + kHeadDim, o);
     } else {
-      add_weighted_values<0>(weights, v, first, last, h, o);  // o starts at zero.
+      add_weighted_values<0, KV>(weights, v, first, last, h, o);  // o starts at zero.
     }
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
-                               ffi::Buffer<ffi::S32> tree, float scale, float softcap,
-                               float mask_value,
-                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), td = tree.dimensions();
-  // q [B, T, N, H]; k, v [BK, S, H]; tree [BK, M, W] with K = BK / B kv heads and M = N / K * T.
-  const bool shapes_ok = qd.size() == 4 && kd.size() == 3 && td.size() == 3 && qd[0] > 0 &&
-                         kd[0] % qd[0] == 0 && qd[3] == kd[2] && qd[2] % (kd[0] / qd[0]) == 0 &&
-                         td[0] == kd[0] && td[1] == qd[2] / (kd[0] / qd[0]) * qd[1];
-  if (!shapes_ok) {
-    return ffi::Error::InvalidArgument(
-        "effjax_cpu_decode_attention: q must be [B, T, N, H], k, v [B * K, S, H] with K dividing "
-        "N, and tree [B * K, N / K * T, W]");
-  }
+// Shapes: q [B, T, N, H]; k, v [BK, S, H]; tree [BK, M, W] with K = BK / B kv heads and
+// M = N / K * T. Empty when they fit, else what is wrong.
+template <typename Dims>
+const char* check_shapes(const Dims& qd, const Dims& kd, const Dims& td) {
+  const bool ok = qd.size() == 4 && kd.size() == 3 && td.size() == 3 && qd[0] > 0 &&
+                  kd[0] % qd[0] == 0 && qd[3] == kd[2] && qd[2] % (kd[0] / qd[0]) == 0 &&
+                  td[0] == kd[0] && td[1] == qd[2] / (kd[0] / qd[0]) * qd[1];
+  return ok ? ""
+            : "effjax_cpu_decode_attention: q must be [B, T, N, H], k, v [B * K, S, H] with K "
+              "dividing N, and tree [B * K, N / K * T, W]";
+}
+
+// Attention of q (float32, [B, T, N, H]) over k, v (float32 or bfloat16) into out (float32, q's
+// layout) and lse, split over XLA's intra-op threads.
+template <typename KV, typename Dims>
+void attend_all(ffi::ThreadPool& pool, const float* q, const KV* k, const KV* v, const int32_t* lo,
+                const int32_t* hi, const int32_t* tree, const Dims& qd, const Dims& kd,
+                const Dims& td, float scale, float softcap, float mask_value, float* out,
+                float* lse) {
   const int64_t bk = kd[0], kv_heads = kd[0] / qd[0], m = qd[2] / kv_heads * qd[1];
-  const bool prefetch = 2 * bk * kd[1] * kd[2] * int64_t{sizeof(float)} > kPrefetchBytes &&
+  const bool prefetch = 2 * bk * kd[1] * kd[2] * int64_t{sizeof(KV)} > kPrefetchBytes &&
                         m <= kPrefetchRows;
-  const Problem problem{q.typed_data(),    k.typed_data(),    v.typed_data(), lo.typed_data(),
-                        hi.typed_data(),   tree.typed_data(), out->typed_data(),
-                        lse->typed_data(), m,                 kd[1],          qd[3],
-                        td[2],             qd[1],             qd[2],          kv_heads,
-                        bk,                prefetch,          scale,
-                        softcap,           mask_value};
-  auto attend = problem.h == 32    ? attend_block<32>
-                : problem.h == 64  ? attend_block<64>
-                : problem.h == 128 ? attend_block<128>
-                                   : attend_block<0>;
+  const Problem<KV> problem{q,     k,     v,     lo,       hi,    tree,  out,
+                            lse,   m,     kd[1], qd[3],    td[2], qd[1], qd[2],
+                            kv_heads, bk, prefetch, scale, softcap, mask_value};
+  auto attend = problem.h == 32    ? attend_block<32, KV>
+                : problem.h == 64  ? attend_block<64, KV>
+                : problem.h == 128 ? attend_block<128, KV>
+                                   : attend_block<0, KV>;
   // Below ~128K multiply-adds per pass over the cache (one-token decoding of a small model) the
   // work is a few microseconds: waking helpers would cost more. Medusa's 66-row blocks need them.
   const int64_t work = bk * kd[1] * kd[2] * std::max<int64_t>(m, 2);
@@ -396,6 +418,52 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     thread_local std::vector<int64_t> rows;
     attend(problem, unit / chunks, unit % chunks * kRowChunk, logits, rows);
   });
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                               ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
+                               ffi::Buffer<ffi::S32> tree, float scale, float softcap,
+                               float mask_value,
+                               ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const char* error = check_shapes(q.dimensions(), k.dimensions(), tree.dimensions());
+  if (*error) return ffi::Error::InvalidArgument(error);
+  attend_all(pool, q.typed_data(), k.typed_data(), v.typed_data(), lo.typed_data(),
+             hi.typed_data(), tree.typed_data(), q.dimensions(), k.dimensions(),
+             tree.dimensions(), scale, softcap, mask_value, out->typed_data(), lse->typed_data());
+  return ffi::Error::Success();
+}
+
+inline uint16_t to_bf16(float value) {  // Round to nearest, ties to even; NaN stays NaN.
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+// A bfloat16 model's cache: q, k, v and out bfloat16 (lse float32). q is widened once, the keys
+// and values as they are read; the sums are float32 and each output is rounded to bfloat16 once -
+// what XLA computes for the same attention (it widens the cache to float32 first).
+ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> q,
+                                   ffi::Buffer<ffi::BF16> k, ffi::Buffer<ffi::BF16> v,
+                                   ffi::Buffer<ffi::S32> lo, ffi::Buffer<ffi::S32> hi,
+                                   ffi::Buffer<ffi::S32> tree, float scale, float softcap,
+                                   float mask_value, ffi::ResultBuffer<ffi::BF16> out,
+                                   ffi::ResultBuffer<ffi::F32> lse) {
+  const char* error = check_shapes(q.dimensions(), k.dimensions(), tree.dimensions());
+  if (*error) return ffi::Error::InvalidArgument(error);
+  const int64_t size = q.element_count();
+  thread_local std::vector<float> q32, out32;  // Scratch, reused across calls on each thread.
+  q32.resize(size);
+  out32.resize(size);
+  const uint16_t* qs = q.typed_data();
+  for (int64_t i = 0; i < size; ++i) q32[i] = to_float(qs[i]);
+  attend_all(pool, q32.data(), k.typed_data(), v.typed_data(), lo.typed_data(), hi.typed_data(),
+             tree.typed_data(), q.dimensions(), k.dimensions(), tree.dimensions(), scale, softcap,
+             mask_value, out32.data(), lse->typed_data());
+  uint16_t* o = out->typed_data();
+  for (int64_t i = 0; i < size; ++i) o[i] = to_bf16(out32[i]);
   return ffi::Error::Success();
 }
 
@@ -414,4 +482,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxCpuDecodeAttention, DecodeAttentionImpl,
                                   .Attr<float>("softcap")
                                   .Attr<float>("mask_value")
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffjaxCpuDecodeAttentionBf16, DecodeAttentionBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<float>("mask_value")
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
