@@ -21,6 +21,9 @@
 // Results:             out [B, T, N, H] (zeros for rows that see no key): the layout of q, so
 //                        neither needs a transposing copy around the call
 //                      lse [BK, M] = [B, N, T] (natural log; mask_value for rows that see no key)
+// Two handlers: EffjaxCpuDecodeAttention (q, k, v, out float32) and EffjaxCpuDecodeAttentionBf16
+// (q, k, v, out bfloat16 - a bfloat16 model's cache; lse float32): keys and values are widened to
+// float32 as they are read, the arithmetic is the float32 kernel's, each output rounded once.
 //
 // Exactness: a row's numbers depend only on its own query, mask and the cache - never on which
 // other rows share the call (each row's softmax runs over its own slot range; masked slots get
