@@ -68,12 +68,15 @@ def test_packed_gradients_are_the_row_major_ones_packed():
                          [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
                          ids=["avx2", "scalar"])
 def test_other_instruction_sets_read_packed_panels_too(isa_flags):
-  """The AVX2 and scalar builds split a 128-column panel into 32- and 4-column work units."""
+  """The AVX2 and scalar builds split a 128-column panel into 32- and 4-column work units; their
+  bfloat16 handler widens the weights to the AVX-512 build's bits."""
   target = "effjax_few_row_matmul_" + "_".join(f.strip("-") for f in isa_flags)
-  reason = cpu_ffi.load(few_row_matmul._SOURCE, (*few_row_matmul._FLAGS, *isa_flags),
-                        "EffjaxFewRowMatmul", target, "test build")
-  if reason is not None:
-    pytest.skip(reason)
+  for symbol, name in (("EffjaxFewRowMatmul", target),
+                       ("EffjaxFewRowMatmulBf16", target + "_bf16")):
+    reason = cpu_ffi.load(few_row_matmul._SOURCE, (*few_row_matmul._FLAGS, *isa_flags), symbol,
+                          name, "test build")
+    if reason is not None:
+      pytest.skip(reason)
   call = lambda x, w, packed, stream: jax.ffi.ffi_call(
       target, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
           x, w, transpose_w=False, stream=stream, packed=packed)
@@ -87,28 +90,12 @@ def test_other_instruction_sets_read_packed_panels_too(isa_flags):
     for stream in (False, True):
       np.testing.assert_array_equal(call(x, few_row_matmul.pack(w), True, stream), want,
                                     err_msg=f"{k}x{n}, stream={stream}")
-
-
-@pytest.mark.parametrize("isa_flags",
-                         [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
-                         ids=["avx2", "scalar"])
-def test_other_instruction_sets_widen_bfloat16_weights_alike(isa_flags):
-  """The bfloat16 handler of the AVX2 and scalar builds gives the AVX-512 build's bits."""
-  target = "effjax_few_row_matmul_bf16_" + "_".join(f.strip("-") for f in isa_flags)
-  reason = cpu_ffi.load(few_row_matmul._SOURCE, (*few_row_matmul._FLAGS, *isa_flags),
-                        "EffjaxFewRowMatmulBf16", target, "test build")
-  if reason is not None:
-    pytest.skip(reason)
-  rng = np.random.default_rng(2)
-  for k, n in SHAPES:
-    x = jnp.asarray(rng.standard_normal((9, k)), jnp.bfloat16)
-    w = few_row_matmul.pack(jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16))
-    for stream in (False, True):
-      got = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((9, n), jnp.bfloat16))(
-          x, w, transpose_w=False, stream=stream, packed=True)
-      want = few_row_matmul.matmul(x, w, packed=True, stream=stream)
-      np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
-                                    np.asarray(want).view(np.uint16), err_msg=f"{k}x{n}")
+    x16, w16 = x.astype(jnp.bfloat16), few_row_matmul.pack(w.astype(jnp.bfloat16))
+    got16 = jax.ffi.ffi_call(target + "_bf16", jax.ShapeDtypeStruct((9, n), jnp.bfloat16))(
+        x16, w16, transpose_w=False, stream=True, packed=True)
+    want16 = few_row_matmul.matmul(x16, w16, packed=True, stream=True)
+    np.testing.assert_array_equal(np.asarray(got16).view(np.uint16),
+                                  np.asarray(want16).view(np.uint16), err_msg=f"{k}x{n} bf16")
 
 
 def test_packed_weights_must_be_k_by_n():

@@ -32,13 +32,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "bfloat16.h"
 #include "exp_nonpositive.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -55,12 +55,7 @@ constexpr float kMasked = -1e30f;
 // read - exactly: a bfloat16 is the top half of the float32 with the same value. The arithmetic
 // is float32 either way.
 inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {
-  const uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
+inline float to_float(uint16_t x) { return effjax::bf16_to_float(x); }
 
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -437,14 +432,6 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
-inline uint16_t to_bf16(float value) {  // Round to nearest, ties to even; NaN stays NaN.
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 // A bfloat16 model's cache: q, k, v and out bfloat16 (lse float32). q is widened once, the keys
 // and values as they are read; the sums are float32 and each output is rounded to bfloat16 once -
 // what XLA computes for the same attention (it widens the cache to float32 first).
@@ -466,7 +453,7 @@ ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> 
              tree.typed_data(), q.dimensions(), k.dimensions(), tree.dimensions(), scale, softcap,
              mask_value, out32.data(), lse->typed_data());
   uint16_t* o = out->typed_data();
-  for (int64_t i = 0; i < size; ++i) o[i] = to_bf16(out32[i]);
+  for (int64_t i = 0; i < size; ++i) o[i] = effjax::float_to_bf16(out32[i]);
   return ffi::Error::Success();
 }
 

@@ -32,9 +32,9 @@
 // reassociate them.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "bfloat16.h"
 #include "few_row_matmul.h"
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -70,21 +70,6 @@ const char* check_shapes(const Dims& xd, const Dims& wd, bool transpose_w, bool 
   return "";
 }
 
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
-
-inline uint16_t float_to_bf16(float value) {  // Round to nearest, ties to even; NaN stays NaN.
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 ffi::Error FewRowMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                                 ffi::Buffer<ffi::BF16> w, bool transpose_w, bool stream,
                                 bool packed, ffi::ResultBuffer<ffi::BF16> out) {
@@ -96,11 +81,11 @@ ffi::Error FewRowMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   x32.resize(m * k);
   out32.resize(m * n);
   const uint16_t* xs = x.typed_data();
-  for (int64_t i = 0; i < m * k; ++i) x32[i] = bf16_to_float(xs[i]);
+  for (int64_t i = 0; i < m * k; ++i) x32[i] = effjax::bf16_to_float(xs[i]);
   run(pool, ProblemT<uint16_t>{x32.data(), w.typed_data(), out32.data(), m, k, n, packed},
       transpose_w, stream);
   uint16_t* o = out->typed_data();
-  for (int64_t i = 0; i < m * n; ++i) o[i] = float_to_bf16(out32[i]);
+  for (int64_t i = 0; i < m * n; ++i) o[i] = effjax::float_to_bf16(out32[i]);
   return ffi::Error::Success();
 }
 

@@ -9,7 +9,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "bfloat16.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -91,12 +92,7 @@ inline Vec wload(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
 #else
-inline Vec wload(const uint16_t* p) {
-  const uint32_t bits = static_cast<uint32_t>(*p) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
+inline Vec wload(const uint16_t* p) { return effjax::bf16_to_float(*p); }
 #endif
 inline Vec wload_n(const uint16_t* p, int n) {  // Partial vectors (a narrow last panel) only.
   uint16_t lanes[kLanes] = {};
