@@ -71,6 +71,23 @@ def test_greedy_equals_plain_greedy(models, batch, gamma):
   assert int(out.metrics.accepted.sum()) < int(out.metrics.drafted.sum()) // 2
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_bfloat16_greedy_equals_plain_greedy(models, batch):
+  """A bfloat16 target and draft: the kernels' bfloat16 paths keep each row's numbers independent
+  of the rows beside it, so verifying gamma + 1 tokens at once still reproduces plain greedy."""
+  cfg, target, unrelated, _ = models
+  cfg16 = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+  target16, unrelated16 = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
+                           for p in (target, unrelated))
+  prompts, lengths = prompts_for(batch)
+  ref = generate(target16, cfg16, prompts, lengths, max_new_tokens=MAX_NEW)
+  for draft, gamma in ((target16, 4), (unrelated16, 3)):
+    out = spec(target16, cfg16, draft, cfg16, prompts, lengths, gamma=gamma,
+               max_new_tokens=MAX_NEW)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+
+
 def test_eos_inside_draft_and_length_limit(models):
   cfg, target, _, close = models
   prompts, lengths = prompts_for(4)
