@@ -259,7 +259,8 @@ def pack_weights(variables, config: LMConfig, force: bool = False) -> dict:
   caches every step (`LMConfig.weights_stream`: 1.05-1.22x faster generation for the 126 MB
   `large` model) and not for ones the L2 caches hold, so for those it is a no-op unless `force` - as
   it is when the copies are there already, or where the kernel does not serve this config (other
-  backends, mixed float32 / bfloat16, matmul_impl "xla"). A no-op still returns `{"params": ...}` variables.
+  backends, mixed float32 / bfloat16, matmul_impl "xla"). A no-op still returns `{"params": ...}`
+  variables.
 
   q, k and v are packed as one matrix and so are gate and up (`_FUSED`): a decode step then makes
   4 matmul calls per layer instead of 7, each output column computed exactly as before (the

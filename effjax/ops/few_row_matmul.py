@@ -27,8 +27,8 @@ on CPU - the same values up to the order of the sums, from half the weight bytes
 
 The LM routes its cached calls here (`LMConfig.matmul_impl="auto"`) when a row brings at most
 `MAX_TOKENS_PER_ROW` new tokens, the backend is CPU and activations and weights are both float32
-or both bfloat16. The kernel is built on first use. Gradients (never
-needed when decoding, but allowed) are XLA's. `EFFJAX_CPU_MATMUL_KERNEL=0` turns the kernel off;
+or both bfloat16. The kernel is built on first use. Gradients (never needed when decoding, but
+allowed) are XLA's. `EFFJAX_CPU_MATMUL_KERNEL=0` turns the kernel off;
 without a compiler it is off with a reason (`unavailable_reason`).
 """
 

@@ -159,8 +159,8 @@ inline void row_offsets(const Problem<KV>& p, int64_t block, int64_t r0, int64_t
 
 // Row r's visible slots lie in [a, b) (a >= b: it sees none). `has_tree`: some tree bit is set.
 template <typename KV>
-inline void row_extent(const Problem<KV>& p, const int32_t* lo, const int32_t* hi, const int32_t* tree,
-                       int64_t r, int64_t& a, int64_t& b, bool& has_tree) {
+inline void row_extent(const Problem<KV>& p, const int32_t* lo, const int32_t* hi,
+                       const int32_t* tree, int64_t r, int64_t& a, int64_t& b, bool& has_tree) {
   a = std::clamp<int64_t>(lo[r], 0, p.s);
   b = std::clamp<int64_t>(hi[r], 0, p.s);
   if (a >= b) a = p.s, b = 0;
@@ -237,8 +237,8 @@ void values_avx512(const float* weights, int64_t m, int64_t width, const KV* v, 
   constexpr int kGroup = std::max<int>(1, std::min<int>(6, 16 / (kHeadDim / 16)));
   int64_t r = 0;
   for (; r + kGroup <= m; r += kGroup)
-    values_rows_avx512<kHeadDim, kGroup, KV>(weights + r * width, width, v, first, last, out, rows + r,
-                                         r == 0 ? next_k : nullptr);
+    values_rows_avx512<kHeadDim, kGroup, KV>(weights + r * width, width, v, first, last, out,
+                                             rows + r, r == 0 ? next_k : nullptr);
   for (; r < m; ++r)
     values_rows_avx512<kHeadDim, 1, KV>(weights + r * width, width, v, first, last, out, rows + r,
                                     r == 0 ? next_k : nullptr);
@@ -445,15 +445,11 @@ ffi::Error DecodeAttentionBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> 
   if (*error) return ffi::Error::InvalidArgument(error);
   const int64_t size = q.element_count();
   thread_local std::vector<float> q32, out32;  // Scratch, reused across calls on each thread.
-  q32.resize(size);
   out32.resize(size);
-  const uint16_t* qs = q.typed_data();
-  for (int64_t i = 0; i < size; ++i) q32[i] = to_float(qs[i]);
-  attend_all(pool, q32.data(), k.typed_data(), v.typed_data(), lo.typed_data(), hi.typed_data(),
-             tree.typed_data(), q.dimensions(), k.dimensions(), tree.dimensions(), scale, softcap,
-             mask_value, out32.data(), lse->typed_data());
-  uint16_t* o = out->typed_data();
-  for (int64_t i = 0; i < size; ++i) o[i] = effjax::float_to_bf16(out32[i]);
+  attend_all(pool, effjax::widen(q.typed_data(), size, q32), k.typed_data(), v.typed_data(),
+             lo.typed_data(), hi.typed_data(), tree.typed_data(), q.dimensions(), k.dimensions(),
+             tree.dimensions(), scale, softcap, mask_value, out32.data(), lse->typed_data());
+  effjax::narrow(out32, out->typed_data());
   return ffi::Error::Success();
 }
 

@@ -3,8 +3,10 @@
 #ifndef EFFJAX_BFLOAT16_H_
 #define EFFJAX_BFLOAT16_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace effjax {
 
@@ -23,6 +25,18 @@ inline uint16_t float_to_bf16(float value) {
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
+}
+
+// A bfloat16 operand widened into float32 scratch (resized to n): the kernels compute in float32.
+inline const float* widen(const uint16_t* src, int64_t n, std::vector<float>& scratch) {
+  scratch.resize(n);
+  for (int64_t i = 0; i < n; ++i) scratch[i] = bf16_to_float(src[i]);
+  return scratch.data();
+}
+
+// A float32 result rounded into a bfloat16 operand, element by element.
+inline void narrow(const std::vector<float>& src, uint16_t* dst) {
+  for (size_t i = 0; i < src.size(); ++i) dst[i] = float_to_bf16(src[i]);
 }
 
 }  // namespace effjax

@@ -78,14 +78,12 @@ ffi::Error FewRowMatmulBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   if (*error) return ffi::Error::InvalidArgument(error);
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
   thread_local std::vector<float> x32, out32;  // Scratch, reused across calls on each thread.
-  x32.resize(m * k);
   out32.resize(m * n);
-  const uint16_t* xs = x.typed_data();
-  for (int64_t i = 0; i < m * k; ++i) x32[i] = effjax::bf16_to_float(xs[i]);
-  run(pool, ProblemT<uint16_t>{x32.data(), w.typed_data(), out32.data(), m, k, n, packed},
+  run(pool,
+      ProblemT<uint16_t>{effjax::widen(x.typed_data(), m * k, x32), w.typed_data(), out32.data(),
+                         m, k, n, packed},
       transpose_w, stream);
-  uint16_t* o = out->typed_data();
-  for (int64_t i = 0; i < m * n; ++i) o[i] = effjax::float_to_bf16(out32[i]);
+  effjax::narrow(out32, out->typed_data());
   return ffi::Error::Success();
 }
 
