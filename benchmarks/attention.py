@@ -7,8 +7,11 @@ times are medians of interleaved runs. Goals: chunked fits 32k in 2 GB of tempor
 1.3x of XLA's time where both run.
 
 GPU/TPU (when `jax.default_backend()` is one): TFLOP/s of forward and forward+backward in bfloat16,
-S = 512 .. 16k, head_dim 64 and 128, causal on and off, GQA 8:1, for effjax's Pallas kernel, cuDNN
-(`jax.nn.dot_product_attention(implementation="cudnn")`, GPU only) and XLA. FLOPs: forward
+S = 512 .. 16k, head_dim 64 and 128, causal on and off, GQA 8:1, for effjax's Pallas kernels, cuDNN
+(`jax.nn.dot_product_attention(implementation="cudnn")`, GPU only) and XLA. `pallas` is the
+dispatch (`impl="pallas"`: on Hopper the Mosaic GPU forward, `flash_attention_hopper`, with the
+Triton backward; the row's `pallas_kernel` says which served it), `pallas_triton` the Triton
+FlashAttention-2 kernel alone (GPU only). FLOPs: forward
 4 * B * S^2 * N * H (halved when causal), backward 2.5x forward (REFERENCES 3); each time is the
 median of 7 rounds of 10 back-to-back calls, so the device queue stays full (`per_call_seconds`).
 Goal on H100: Pallas forward >= 0.8x cuDNN and >= 2x XLA.
@@ -95,9 +98,11 @@ def _flops(b, s, n, h, causal, backward):
   return fwd * (3.5 if backward else 1.0)
 
 
-def accelerator_section(quick: bool, head_dims=None):
+def accelerator_section(quick: bool, head_dims=None, impl_names=None, modes=("fwd", "fwd_bwd"),
+                        seqs=None):
+  from kernels_pallas import flash_attention_gpu, flash_attention_hopper
   backend = jax.default_backend()
-  seqs = (512, 2048, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+  seqs = seqs or ((512, 2048, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
   head_dims = head_dims or ((128,) if quick else (128, 64))
   kv_heads, groups = 2, 8  # GQA 8:1
   n = kv_heads * groups
@@ -119,8 +124,16 @@ def accelerator_section(quick: bool, head_dims=None):
         if backend == "gpu":
           impls["cudnn"] = lambda q, k, v, c=causal: jax.nn.dot_product_attention(
               q, k, v, is_causal=c, implementation="cudnn")
+          impls["pallas_triton"] = lambda q, k, v, c=causal: flash_attention_gpu.flash_attention(
+              q, k, v, causal=c)[0]
+        impls = {name: fn for name, fn in impls.items() if not impl_names or name in impl_names}
         row = {"seq_len": s, "batch": b, "head_dim": h, "causal": causal}
-        for mode in ("fwd", "fwd_bwd"):
+        if "pallas" in impls:
+          hopper = flash_attention_hopper.is_hopper() and flash_attention_hopper.unsupported_reason(
+              q, k, causal=causal, has_mask_arrays=False, local_window=None, softcap=None,
+              interpret=False) is None
+          row["pallas_kernel"] = "hopper" if hopper else ("triton" if backend == "gpu" else backend)
+        for mode in modes:
           fns = {}
           for name, fn in impls.items():
             fns[name] = jax.jit(fn) if mode == "fwd" else _fwd_bwd(fn)
@@ -135,7 +148,7 @@ def accelerator_section(quick: bool, head_dims=None):
           flops = _flops(b, s, n, h, causal, mode == "fwd_bwd")
           for name, sec in medians.items():
             row[f"{name}_{mode}_tflops"] = round(flops / sec / 1e12, 2)
-          for peer in ("cudnn", "xla"):
+          for peer in ("cudnn", "xla", "pallas_triton"):
             if "pallas" in medians and peer in medians:
               row[f"pallas_over_{peer}_{mode}"] = round(medians[peer] / medians["pallas"], 3)
         results.append(row)
@@ -164,6 +177,9 @@ def main(argv=None):
   parser.add_argument("--skip-cpu", action="store_true", help="accelerator section only")
   parser.add_argument("--head-dims", default=None,
                       help="comma-separated head dims of the accelerator section (default 128,64)")
+  parser.add_argument("--impls", default=None,
+                      help="comma-separated subset of pallas,pallas_triton,cudnn,xla (default all)")
+  parser.add_argument("--modes", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")
   args = parser.parse_args(argv)
   xla_max = args.xla_time_max or (1024 if args.quick else 4096)
   chunked_max = args.chunked_time_max or (1024 if args.quick else 16384)
@@ -182,7 +198,9 @@ def main(argv=None):
       result["cpu"] = cpu_section(args.quick, xla_max, chunked_max)
   if jax.default_backend() in ("gpu", "tpu"):
     head_dims = tuple(int(h) for h in args.head_dims.split(",")) if args.head_dims else None
-    result["accelerator"] = accelerator_section(args.quick, head_dims)
+    impl_names = tuple(args.impls.split(",")) if args.impls else None
+    result["accelerator"] = accelerator_section(args.quick, head_dims, impl_names,
+                                                tuple(args.modes.split(",")))
   else:
     result["accelerator"] = "not run: no GPU/TPU backend"
   print(json.dumps(result))

@@ -6,6 +6,9 @@ Sections, each printing JSON lines (stderr) and a summary (stdout's last line):
              and on the LM's heads-major [B*K, S, H] cache read in place vs transposed first.
   sweep    - forward and forward+backward time of `flash_attention_gpu` over a grid of `BlockSizes`
              (bf16, causal, GQA 8:1, S=4096), to check the default table.
+  hopper_sweep - forward time of `flash_attention_hopper` (Mosaic GPU, sm_90 only) over a grid of
+             `HopperBlockSizes` (bf16, causal and not, GQA 8:1, S=4096), with cuDNN and the Triton
+             kernel timed in the same loop; no --dry_run (the kernel has no interpreter).
 
 The LM trained and decoded on compiled Pallas kernels is a test
 (`tests/test_attention_dispatch.py::test_lm_trains_and_decodes_identically_on_pallas`, compiled
@@ -173,6 +176,60 @@ def sweep_section(budget_s: float) -> dict:
                                                   causal=True, dtype="bfloat16"), **results})
 
 
+def hopper_sweep_section(budget_s: float) -> dict:
+  from kernels_pallas import flash_attention_gpu as gpu_lib
+  from kernels_pallas import flash_attention_hopper as hopper_lib
+  from kernels_pallas.flash_attention_hopper import HopperBlockSizes
+
+  if DRY_RUN or not hopper_lib.is_hopper():
+    return _emit({"section": "hopper_sweep", "skipped": "needs an sm_90 GPU (no interpreter)"})
+  start = time.time()
+  rng = np.random.default_rng(0)
+  b, s, n, kh = 4, 4096, 16, 2
+  grid = [HopperBlockSizes(64, bk, steps) for bk, steps in itertools.product((128, 256, 64),
+                                                                             (2, 3))]
+  grid.append(HopperBlockSizes(128, 64, 2))
+  results = {}
+  cases = list(itertools.product((128, 64), (True, False)))
+  for case_index, (h, causal) in enumerate(cases):
+    deadline = start + budget_s * (case_index + 1) / len(cases)  # Each case its share.
+    q = jnp.asarray(rng.standard_normal((b, s, n, h)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.bfloat16)
+    flops = 4 * b * s * s * n * h / (2 if causal else 1)
+    default = hopper_lib.default_block_sizes(h)
+    fns = {
+        "cudnn": jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="cudnn")),
+        "triton": jax.jit(lambda q, k, v: gpu_lib.flash_attention(q, k, v, causal=causal)[0]),
+    }
+    for sizes in [default] + [g for g in grid if g != default]:
+      fns[str(sizes)] = jax.jit(lambda q, k, v, sz=sizes: hopper_lib.flash_attention(
+          q, k, v, causal=causal, block_sizes=sz)[0])
+    key = f"h{h}_{'causal' if causal else 'full'}"
+    tflops = {}
+    for name, fn in fns.items():
+      if time.time() > deadline:
+        break
+      try:
+        jax.block_until_ready(fn(q, k, v))
+        sec = per_call_seconds({"x": fn}, (q, k, v), calls=10, rounds=5)["x"]
+      except Exception as e:  # Shared memory or registers exceeded for this tile.
+        _emit({"section": "hopper_sweep", "case": key, "sizes": name,
+               "error": f"{type(e).__name__}: {str(e)[:160]}"})
+        continue
+      tflops[name] = round(flops / sec / 1e12, 1)
+      _emit({"section": "hopper_sweep", "case": key, "sizes": name, "tflops": tflops[name]})
+    hopper = {name: t for name, t in tflops.items() if name.startswith("HopperBlockSizes")}
+    if hopper:
+      best = max(hopper, key=hopper.get)
+      results[key] = {"default_tflops": tflops.get(str(default)), "best": best,
+                      "best_tflops": hopper[best], "cudnn_tflops": tflops.get("cudnn"),
+                      "triton_tflops": tflops.get("triton")}
+  return _emit({"section": "hopper_sweep", "shape": dict(batch=b, seq=s, heads=n, kv_heads=kh,
+                                                         dtype="bfloat16"), **results})
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sections", default="decode,sweep")
@@ -194,8 +251,10 @@ def main():
         summary[name] = decode_section()
       elif name == "sweep":
         summary[name] = sweep_section(args.sweep_seconds)
+      elif name == "hopper_sweep":
+        summary[name] = hopper_sweep_section(args.sweep_seconds)
       else:
-        raise ValueError(f"unknown section {name!r}; choose from decode, sweep")
+        raise ValueError(f"unknown section {name!r}; choose from decode, sweep, hopper_sweep")
     except Exception as e:  # Report and go on: one failing section must not hide the others.
       import traceback
       traceback.print_exc()

@@ -6,6 +6,10 @@
 #   bash benchmarks/gpu_session.sh all           # both (default)
 #   bash benchmarks/gpu_session.sh lease         # one call under 9 min for a 15-minute lease:
 #                                                # decode section, then the compiled kernel tests
+#   bash benchmarks/gpu_session.sh hopper        # one call under 9.5 min: the Mosaic GPU (Hopper)
+#                                                # forward's tests (stops there if they fail), its
+#                                                # tile sweep, the forward table against cuDNN/XLA,
+#                                                # a quick forward+backward table, the decode section
 #
 # Durations on an H200 (2026-11-29, first run): the LM check 53 s (then a section of gpu_check.py,
 # now the test it duplicated), the decode section 53 s,
@@ -67,6 +71,41 @@ if [[ "$PHASE" == lease ]]; then
   decode_section 170
   kernel_tests 330
   grep -hE "PASSED|FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -n 12
+fi
+
+if [[ "$PHASE" == hopper ]]; then
+  # The FlashAttention-3-style forward (kernels_pallas/flash_attention_hopper.py) has never run when
+  # this is first called: its tests go first, and a failure ends the call early, leaving device time
+  # for a fixed rerun. Each later step is cut at its own limit and at the call's 560 s.
+  "$PY" -c 'import jax; from kernels_pallas.flash_attention_hopper import is_hopper; d = jax.devices()[0]; print("compute_capability", getattr(d, "compute_capability", None), "is_hopper", is_hopper())' | tee -a "$OUT/env.txt"
+  # The installed JAX's own FlashAttention-3 example, kept for comparison with the adapted copy.
+  cp "$("$PY" -c 'import jax, os; print(os.path.dirname(jax.__file__))')/experimental/pallas/ops/gpu/attention_mgpu.py" "$OUT/" 2>/dev/null
+  grep -q "is_hopper True" "$OUT/env.txt" || { echo "not an sm_90 GPU: nothing to check"; exit 1; }
+  start=$SECONDS
+  left() { local l=$(( 560 - (SECONDS - start) )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(left 150)" \
+    "$PY" -m pytest -v -x -p no:cacheprovider --durations=0 -m gpu_only \
+    tests/test_flash_attention_hopper.py >"$OUT/tests_hopper.log" 2>&1
+  rc=$?
+  echo "hopper tests exit $rc"
+  grep -hE "PASSED|FAILED|ERROR|passed|failed|Error" "$OUT/tests_hopper.log" | tail -n 12
+  if (( rc != 0 )); then
+    tail -c 3000 "$OUT/tests_hopper.log"
+    date -u
+    exit 1
+  fi
+  timeout "$(left 110)" "$PY" benchmarks/gpu_check.py --sections hopper_sweep --sweep_seconds 90 \
+    >"$OUT/hopper_sweep.log" 2>&1
+  echo "hopper sweep exit $?"
+  tail -n 1 "$OUT/hopper_sweep.log" | cut -c1-1500
+  timeout "$(left 170)" "$PY" benchmarks/attention.py --skip-cpu --modes fwd \
+    --impls pallas,cudnn,xla >"$OUT/attention_fwd.log" 2>&1
+  echo "attention fwd exit $?, rows: $(grep -c seq_len "$OUT/attention_fwd.log")"
+  tail -c 600 "$OUT/attention_fwd.log"
+  timeout "$(left 75)" "$PY" benchmarks/attention.py --skip-cpu --quick --modes fwd_bwd \
+    --impls pallas,pallas_triton,cudnn >"$OUT/attention_fwd_bwd.log" 2>&1
+  echo "attention fwd_bwd exit $?, rows: $(grep -c seq_len "$OUT/attention_fwd_bwd.log")"
+  decode_section "$(left 90)"
 fi
 
 if [[ "$PHASE" == timing || "$PHASE" == all ]]; then

@@ -1,7 +1,9 @@
 """Bridge from the dispatch point to the Pallas kernels in `kernels_pallas/`.
 
 Kernel style by backend: the Mosaic kernel (`flash_attention_tpu`) on TPU, the Triton kernel
-(`flash_attention_gpu`) on GPU, and in interpret mode on CPU the Triton kernel unless the TPU style is
+(`flash_attention_gpu`) on GPU - except on Hopper (sm_90), where calls inside its scope go to the
+Mosaic GPU FlashAttention-3-style forward (`flash_attention_hopper`, backward through the Triton
+kernels; `EFFJAX_PALLAS_HOPPER=0` turns it off) - and in interpret mode on CPU the Triton kernel unless the TPU style is
 asked for, by `EFFJAX_PALLAS_STYLE=tpu` or by passing a `pltpu.InterpretParams` as `interpret` (which
 also simulates TPU memory). On GPU and in GPU-style interpret mode, calls with at most 16 queries per
 row over a cache (`MaskSpec` with kv_lengths/q_positions, no segments, no explicit key positions) go
@@ -71,6 +73,20 @@ def _is_decode(q, spec: MaskSpec) -> bool:
           and spec.kv_positions is None and spec.q_segment_ids is None)
 
 
+def _use_hopper(q, k, spec: MaskSpec, softcap, interpret) -> bool:
+  """Whether the Hopper forward serves this (GPU-style, non-decode) call."""
+  if os.environ.get("EFFJAX_PALLAS_HOPPER", "1").lower() in ("0", "off", "false"):
+    return False
+  from kernels_pallas import flash_attention_hopper as hopper
+  if interpret or not hopper.is_hopper():
+    return False
+  has_arrays = any(x is not None for x in (spec.q_positions, spec.kv_positions, spec.kv_lengths,
+                                           spec.q_segment_ids, spec.kv_segment_ids))
+  return hopper.unsupported_reason(q, k, causal=spec.causal, has_mask_arrays=has_arrays,
+                                   local_window=spec.local_window, softcap=softcap,
+                                   interpret=interpret) is None
+
+
 def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, strict,
                      kv_layout: str = "bskh"):
   """Runs the Pallas flash-attention kernels, or returns None to make the dispatcher fall back.
@@ -111,6 +127,9 @@ def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, stri
     k, v = unflatten_kv(k, q.shape[0]), unflatten_kv(v, q.shape[0])
   if style == "tpu":
     from kernels_pallas.flash_attention_tpu import flash_attention
+  elif _use_hopper(q, k, spec, softcap, interpret):
+    from kernels_pallas.flash_attention_hopper import flash_attention as hopper_attention
+    return hopper_attention(q, k, v, causal=spec.causal, scale=scale)
   else:
     from kernels_pallas.flash_attention_gpu import flash_attention
   return flash_attention(q, k, v, q_positions=spec.q_positions, kv_positions=spec.kv_positions,
