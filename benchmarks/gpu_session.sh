@@ -19,6 +19,8 @@
 # 128 48 s each: compiling the kernels' backward), the full `attention.py --skip-cpu` 4.2 min, the
 # decode section over 100 s (it was cut there). With a 15-minute lease, `lease` is the one call to
 # make: `correctness` and `timing` may run up to 7 and 10 minutes, more than one lease together.
+# 2026-11-30 23:31 (third lease): `hopper` 322 s in all (its tests 72 s, sweep 30 s, the
+# forward table about 90 s, the decode section under 90 s).
 # Logs go to $OUT (or ./gpu_session_out): one file per step, JSON lines in each.
 set -u
 cd "$(dirname "$0")/.."
