@@ -8,6 +8,7 @@ GPU (`gpu_only`, skipped elsewhere and on other GPUs), against float32 `jax.nn` 
 """
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -158,3 +159,43 @@ def test_dispatch_routes_to_the_hopper_kernel():
   assert "@mosaic_gpu" in fn.lower(q, k, v).as_text()
   want = jax.jit(_jax_nn(True, None, None))(q, k, v)[0]
   _assert_close("out", fn(q, k, v), want, TOL["bfloat16"]["out"])
+
+
+def test_lm_training_mask_leaves_default_positions_out(monkeypatch):
+  """A full forward given no positions masks without position arrays (the Hopper kernel's scope);
+  explicit positions still reach the mask."""
+  from effjax.models import lm, registry
+  seen = []
+
+  def record(q, k, spec, softcap, interpret):
+    seen.append(spec)
+    return False
+  monkeypatch.setattr(pallas_bridge, "_use_hopper", record)
+  monkeypatch.setenv("EFFJAX_PALLAS_INTERPRET", "1")
+  cfg = registry.get("lm/tiny", num_layers=1, attention_impl="pallas")
+  params = lm.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  default = lm.LM(cfg).apply(params, tokens).logits
+  assert seen and seen[-1].q_positions is None and seen[-1].kv_positions is None
+  explicit = lm.LM(cfg).apply(params, tokens, positions=jnp.arange(16)[None]).logits
+  assert seen[-1].q_positions is not None
+  _assert_close("logits", default, explicit, 1e-5)
+
+
+@pytest.mark.gpu_only
+def test_lm_bfloat16_training_runs_on_the_hopper_kernel():
+  """LM training steps in bfloat16 through impl="pallas" (Hopper forward, Triton backward) track
+  impl="xla", and the Mosaic GPU kernel is in the compiled step."""
+  if not hopper_lib.is_hopper():
+    pytest.skip("needs an sm_90 GPU (H100/H200)")
+  from effjax.models import lm, registry
+  from tests.test_attention_dispatch import _train_losses
+  base = registry.get("lm/tiny", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+                      dtype="bfloat16")
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 129), 0, 256)
+  losses_xla, _ = _train_losses(base.replace(attention_impl="xla"), tokens)
+  losses_pallas, params = _train_losses(base.replace(attention_impl="pallas"), tokens)
+  np.testing.assert_allclose(losses_pallas, losses_xla, rtol=2e-2)
+  model = lm.LM(base.replace(attention_impl="pallas"))
+  text = jax.jit(lambda p, t: model.apply(p, t).logits).lower(params, tokens[:, :-1]).as_text()
+  assert "@mosaic_gpu" in text

@@ -324,6 +324,9 @@ def _project(x, w, cfg: LMConfig, few_rows: bool, equation: str,
 class Attention(nn.Module):
   config: LMConfig
   few_rows: bool = False  # Weight matmuls through effjax.ops.few_row_matmul (LMConfig docs).
+  # Positions are arange(T) (a full forward given none): the mask then omits them, which means the
+  # same, and lets kernels that take no position arrays serve it (the Hopper flash attention).
+  default_positions: bool = False
 
   @nn.compact
   def __call__(self, x, positions, layer_k=None, layer_v=None, lengths=None, segment_ids=None,
@@ -355,7 +358,8 @@ class Attention(nn.Module):
     t = x.shape[1]
     if layer_k is None:  # Training / full forward: attend within the new tokens.
       all_k, all_v = key, val
-      spec = MaskSpec(q_positions=positions, kv_positions=positions, causal=True,
+      mask_positions = None if self.default_positions else positions
+      spec = MaskSpec(q_positions=mask_positions, kv_positions=mask_positions, causal=True,
                       q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
     else:
       all_k = _write_cache(layer_k, key, lengths)  # [B*K, S, H]
@@ -408,12 +412,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
   config: LMConfig
   few_rows: bool = False
+  default_positions: bool = False  # See Attention.
 
   @nn.compact
   def __call__(self, x, positions, layer_k, layer_v, lengths, segment_ids, new_token_mask):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-    attn_out, new_k, new_v = Attention(cfg, self.few_rows, name="attn")(
+    attn_out, new_k, new_v = Attention(cfg, self.few_rows, self.default_positions, name="attn")(
         norm("attn_norm")(x), positions, layer_k, layer_v, lengths, segment_ids, new_token_mask)
     x = x + attn_out
     x = x + MLP(cfg, self.few_rows, name="mlp")(norm("mlp_norm")(x))
@@ -446,6 +451,7 @@ class LM(nn.Module):
     b, t = tokens.shape
     if cache is not None and segment_ids is not None:
       raise ValueError("segment_ids are for full forwards; a cached call masks by cache.lengths")
+    default_positions = positions is None and cache is None
     if positions is None:
       base = cache.lengths[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
       positions = base + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
@@ -462,7 +468,7 @@ class LM(nn.Module):
         layer_hidden.append(x)
       lk = cache.k[i] if cache is not None else None
       lv = cache.v[i] if cache is not None else None
-      x, k_i, v_i = block_cls(cfg, few_rows, name=f"layer_{i}")(
+      x, k_i, v_i = block_cls(cfg, few_rows, default_positions, name=f"layer_{i}")(
           x, positions, lk, lv, cache.lengths if cache is not None else None, segment_ids,
           new_token_mask)
       new_k.append(k_i)
