@@ -79,12 +79,19 @@ if [[ "$PHASE" == hopper ]]; then
   # The FlashAttention-3-style forward (kernels_pallas/flash_attention_hopper.py) has never run when
   # this is first called: its tests go first, and a failure ends the call early, leaving device time
   # for a fixed rerun. Each later step is cut at its own limit and at the call's 560 s.
-  "$PY" -c 'import jax; from kernels_pallas.flash_attention_hopper import is_hopper; d = jax.devices()[0]; print("compute_capability", getattr(d, "compute_capability", None), "is_hopper", is_hopper())' | tee -a "$OUT/env.txt"
+  "$PY" -c 'import jax; from kernels_pallas.flash_attention_hopper import is_hopper
+d = jax.devices()[0]
+print("compute_capability", getattr(d, "compute_capability", None), "is_hopper", is_hopper())' \
+    | tee -a "$OUT/env.txt"
   # The installed JAX's own FlashAttention-3 example, kept for comparison with the adapted copy.
-  cp "$("$PY" -c 'import jax, os; print(os.path.dirname(jax.__file__))')/experimental/pallas/ops/gpu/attention_mgpu.py" "$OUT/" 2>/dev/null
+  jax_dir=$("$PY" -c 'import jax, os; print(os.path.dirname(jax.__file__))')
+  cp "$jax_dir/experimental/pallas/ops/gpu/attention_mgpu.py" "$OUT/" 2>/dev/null
   grep -q "is_hopper True" "$OUT/env.txt" || { echo "not an sm_90 GPU: nothing to check"; exit 1; }
   start=$SECONDS
-  left() { local l=$(( 560 - (SECONDS - start) )); (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+  left() {  # min($1, what is left of the call's 560 s), at least 1
+    local l=$(( 560 - (SECONDS - start) ))
+    (( l < $1 )) && echo $(( l > 1 ? l : 1 )) || echo "$1"
+  }
   XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest timeout "$(left 150)" \
     "$PY" -m pytest -v -x -p no:cacheprovider --durations=0 -m gpu_only \
     tests/test_flash_attention_hopper.py >"$OUT/tests_hopper.log" 2>&1

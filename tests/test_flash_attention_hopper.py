@@ -1,4 +1,4 @@
-"""The Hopper (Mosaic GPU) flash-attention forward: scope checks and lowering on CPU, parity on a GPU.
+"""The Hopper (Mosaic GPU) flash-attention forward: scope and lowering on CPU, parity on a GPU.
 
 The kernel's warpgroup/TMA primitives have no interpreter, so on CPU the tests check what can be
 checked without the chip: which calls it accepts and why it refuses the rest, that the bridge sends

@@ -1,13 +1,15 @@
 """Bridge from the dispatch point to the Pallas kernels in `kernels_pallas/`.
 
 Kernel style by backend: the Mosaic kernel (`flash_attention_tpu`) on TPU, the Triton kernel
-(`flash_attention_gpu`) on GPU - except on Hopper (sm_90), where calls inside its scope go to the
-Mosaic GPU FlashAttention-3-style forward (`flash_attention_hopper`, backward through the Triton
-kernels; `EFFJAX_PALLAS_HOPPER=0` turns it off) - and in interpret mode on CPU the Triton kernel unless the TPU style is
+(`flash_attention_gpu`) on GPU, and in interpret mode on CPU the Triton kernel unless the TPU style is
 asked for, by `EFFJAX_PALLAS_STYLE=tpu` or by passing a `pltpu.InterpretParams` as `interpret` (which
-also simulates TPU memory). On GPU and in GPU-style interpret mode, calls with at most 16 queries per
-row over a cache (`MaskSpec` with kv_lengths/q_positions, no segments, no explicit key positions) go
-to the split-K decode kernel, which reads the KV cache's heads-major [B*K, S, H] buffers in place.
+also simulates TPU memory). On Hopper (sm_90), compiled calls inside its scope (`_use_hopper`: no
+position/segment/length arrays, window or soft-cap; fp16/bf16; head_dim 64/128) go to the Mosaic
+GPU FlashAttention-3-style forward instead (`flash_attention_hopper`, backward through the Triton
+kernels; 0.88-1.10x cuDNN on an H200, RESULTS.md); `EFFJAX_PALLAS_HOPPER=0` turns it off.
+On GPU and in GPU-style interpret mode, calls with at most 16 queries per row over a cache
+(`MaskSpec` with kv_lengths/q_positions, no segments, no explicit key positions) go to the split-K
+decode kernel, which reads the KV cache's heads-major [B*K, S, H] buffers in place.
 
 What the kernels serve: causal masking by positions, `kv_lengths`, segment ids (packing/padding),
 a local window, logit soft-capping, grouped/multi-query attention, Sq != Sk, any sequence length,
