@@ -38,6 +38,8 @@ from effjax.attention import MaskSpec, dot_product_attention  # noqa: E402
 from effjax.attention import xla as xla_impl  # noqa: E402
 
 GB = 1e9
+IMPLS = ("pallas", "pallas_triton", "cudnn", "xla")  # Accelerator section; see the docstring.
+MODES = ("fwd", "fwd_bwd")
 
 
 def _interleaved_medians(fns: dict, args, repeats: int) -> dict:
@@ -100,7 +102,7 @@ def _flops(b, s, n, h, causal, backward):
 
 def accelerator_section(quick: bool, head_dims=None, impl_names=None, modes=("fwd", "fwd_bwd"),
                         seqs=None):
-  from kernels_pallas import flash_attention_gpu, flash_attention_hopper
+  from kernels_pallas import flash_attention_gpu
   backend = jax.default_backend()
   seqs = seqs or ((512, 2048, 8192) if quick else (512, 1024, 2048, 4096, 8192, 16384))
   head_dims = head_dims or ((128,) if quick else (128, 64))
@@ -128,10 +130,10 @@ def accelerator_section(quick: bool, head_dims=None, impl_names=None, modes=("fw
               q, k, v, causal=c)[0]
         impls = {name: fn for name, fn in impls.items() if not impl_names or name in impl_names}
         row = {"seq_len": s, "batch": b, "head_dim": h, "causal": causal}
-        if "pallas" in impls:
-          hopper = flash_attention_hopper.is_hopper() and flash_attention_hopper.unsupported_reason(
-              q, k, causal=causal, has_mask_arrays=False, local_window=None, softcap=None,
-              interpret=False) is None
+        if "pallas" in impls:  # Which kernel the dispatch picks (EFFJAX_PALLAS_HOPPER included).
+          from effjax.attention import pallas_bridge
+          hopper = backend == "gpu" and pallas_bridge._use_hopper(
+              q, k, v, MaskSpec(causal=causal), h ** -0.5, None, False)
           row["pallas_kernel"] = "hopper" if hopper else ("triton" if backend == "gpu" else backend)
         for mode in modes:
           fns = {}
@@ -181,6 +183,10 @@ def main(argv=None):
                       help="comma-separated subset of pallas,pallas_triton,cudnn,xla (default all)")
   parser.add_argument("--modes", default="fwd,fwd_bwd", help="fwd, fwd_bwd or both")
   args = parser.parse_args(argv)
+  for flag, given, allowed in (("--impls", args.impls, IMPLS), ("--modes", args.modes, MODES)):
+    unknown = sorted(set((given or "").split(",")) - set(allowed) - {""})
+    if unknown:
+      parser.error(f"{flag}: unknown {unknown}; choose from {','.join(allowed)}")
   xla_max = args.xla_time_max or (1024 if args.quick else 4096)
   chunked_max = args.chunked_time_max or (1024 if args.quick else 16384)
   result = {

@@ -105,19 +105,42 @@ def is_hopper() -> bool:
   return device.platform == "gpu" and capability.split(".")[0] == "9"
 
 
+def _cuda_runtime_version() -> Optional[int]:
+  """The CUDA runtime's version number (12080 for 12.8.0), or None without a CUDA plugin."""
+  try:
+    from jax._src.lib import cuda_versions
+    return None if cuda_versions is None else int(cuda_versions.cuda_runtime_get_version())
+  except Exception:  # No CUDA plugin (CPU-only installs), or an API change: no known bad range.
+    return None
+
+
 def unsupported_reason(q, k, *, causal: bool, has_mask_arrays: bool, local_window, softcap,
-                       interpret, sizes: Optional[HopperBlockSizes] = None) -> Optional[str]:
-  """Why this kernel cannot serve the call, or None. Device-independent except for `interpret`."""
+                       interpret, v=None, scale: Optional[float] = None,
+                       sizes: Optional[HopperBlockSizes] = None) -> Optional[str]:
+  """Why this kernel cannot serve the call, or None. Device-independent except for `interpret`
+  and the CUDA runtime's version."""
   if interpret:
     return "the Mosaic GPU kernel has no interpret mode for its warpgroup/TMA primitives"
-  if q.dtype not in _DTYPES or k.dtype != q.dtype:
-    return f"dtype {q.dtype}/{k.dtype}: the Hopper kernel takes float16 or bfloat16"
+  dtypes = (q.dtype, k.dtype) + (() if v is None else (v.dtype,))
+  if q.dtype not in _DTYPES or any(d != q.dtype for d in dtypes):
+    return (f"dtypes {'/'.join(str(d) for d in dtypes)}: the Hopper kernel takes q, k and v all "
+            "float16 or all bfloat16")
   b, t, n, h = q.shape
   s = k.shape[1]
   if h not in HEAD_DIMS:
     return f"head_dim={h}: the Hopper kernel takes {HEAD_DIMS}"
-  if has_mask_arrays or local_window is not None or softcap is not None:
-    return "segment ids, kv lengths, explicit positions, a window or soft-capping"
+  if has_mask_arrays:
+    return "it takes no segment ids, kv lengths or explicit positions (causal masks by index)"
+  if local_window is not None:
+    return f"it has no local window (local_window={local_window})"
+  if softcap is not None:
+    return f"it has no soft-capping (softcap={softcap})"
+  if scale is not None and not scale > 0:
+    return f"scale={scale}: the exponent folding needs a positive logit scale"
+  version = _cuda_runtime_version()
+  if causal and version is not None and 12080 <= version < 12091:
+    # JAX's example refuses the same range: ptxas miscompiles the causal kernel there.
+    return f"causal masking miscompiles with CUDA {version} (12.8.0 <= version < 12.9.1)"
   sizes = sizes or default_block_sizes(h)
   if t % (2 * sizes.block_q):
     return f"T={t} is not a multiple of {2 * sizes.block_q} (two warpgroups' query rows)"
@@ -372,11 +395,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     ValueError: for a call outside the kernel's scope (the message says which limit).
   """
   common.validate_inputs(q, k, v, None, None, None, None, None, None, None)
-  reason = unsupported_reason(q, k, causal=causal, has_mask_arrays=False, local_window=None,
-                              softcap=None, interpret=False, sizes=block_sizes)
-  if reason is not None:
+  h = q.shape[-1]
+  scale = float(h ** -0.5 if scale is None else scale)
+  reason = unsupported_reason(q, k, v=v, causal=causal, has_mask_arrays=False, local_window=None,
+                              softcap=None, interpret=False, scale=scale, sizes=block_sizes)
+  if reason is None and jax.default_backend() == "gpu" and not is_hopper():
+    reason = f"it needs an sm_90 GPU (H100/H200), not a {jax.devices()[0].device_kind}"
+  if reason is not None:  # (On CPU it still traces, so that its lowering can be tested.)
     raise ValueError(f"flash_attention_hopper cannot serve this call: {reason}; use "
                      "kernels_pallas.flash_attention_gpu.flash_attention")
-  h = q.shape[-1]
   sizes = _fitted(block_sizes or default_block_sizes(h), k.shape[1])
-  return _flash(q, k, v, causal, float(h ** -0.5 if scale is None else scale), sizes)
+  return _flash(q, k, v, causal, scale, sizes)

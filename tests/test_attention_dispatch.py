@@ -318,3 +318,15 @@ def test_lm_trains_and_decodes_identically_on_pallas(monkeypatch):
 
   for got, want in zip(decode("pallas"), decode("xla")):
     _close(got, want, 1e-4)
+
+
+def test_cudnn_refuses_masks_its_call_would_drop(monkeypatch):
+  """impl="cudnn" passes only kv_lengths and the window to jax.nn: segment ids or key positions
+  must make it refuse (strict) rather than be silently dropped. Checked before any GPU is needed."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q = jnp.zeros((1, 8, 2, 16), jnp.bfloat16)
+  seg = jnp.zeros((1, 8), jnp.int32)
+  for spec in (MaskSpec(causal=True, q_segment_ids=seg, kv_segment_ids=seg),
+               MaskSpec(causal=True, kv_positions=jnp.arange(8)[None])):
+    with pytest.raises(ValueError, match="impl='cudnn' cannot serve.*segment ids"):
+      dot_product_attention(q, q, q, spec, impl="cudnn", strict=True)

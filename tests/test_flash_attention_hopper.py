@@ -47,18 +47,29 @@ def test_scope_accepts_the_benchmark_shapes():
 
 
 @pytest.mark.parametrize("kw, q_shape, kv_shape, dtype, words", [
-    (dict(), (1, 256, 4, 64), (1, 256, 4, 64), jnp.float32, "float16 or bfloat16"),
+    (dict(), (1, 256, 4, 64), (1, 256, 4, 64), jnp.float32, "all float16 or all bfloat16"),
     (dict(), (1, 256, 4, 96), (1, 256, 4, 96), jnp.bfloat16, "head_dim=96"),
     (dict(), (1, 197, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "T=197"),
     (dict(), (1, 256, 4, 64), (1, 200, 4, 64), jnp.bfloat16, "S=200"),
     (dict(causal=True), (1, 512, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "T=512 > S=256"),
     (dict(has_mask_arrays=True), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "segment ids"),
-    (dict(softcap=30.0), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "soft-capping"),
-    (dict(local_window=64), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "window"),
+    (dict(softcap=30.0), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "softcap=30.0"),
+    (dict(local_window=64), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "local_window=64"),
     (dict(interpret=True), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "interpret"),
+    (dict(scale=0.0), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16, "scale=0.0"),
+    (dict(v=_sds((1, 256, 4, 64), jnp.float32)), (1, 256, 4, 64), (1, 256, 4, 64), jnp.bfloat16,
+     "bfloat16/bfloat16/float32"),
 ])
 def test_scope_refusals_say_why(kw, q_shape, kv_shape, dtype, words):
   assert words in _reason(q_shape, kv_shape, dtype, **kw)
+
+
+def test_refuses_causal_on_the_cuda_versions_that_miscompile_it(monkeypatch):
+  monkeypatch.setattr(hopper_lib, "_cuda_runtime_version", lambda: 12080)
+  assert "miscompiles" in _reason((1, 256, 4, 64), (1, 256, 4, 64), causal=True)
+  assert _reason((1, 256, 4, 64), (1, 256, 4, 64), causal=False) is None
+  monkeypatch.setattr(hopper_lib, "_cuda_runtime_version", lambda: 12091)
+  assert _reason((1, 256, 4, 64), (1, 256, 4, 64), causal=True) is None
 
 
 def test_entry_point_raises_a_clear_error_outside_its_scope():
@@ -84,15 +95,19 @@ def test_bridge_uses_the_kernel_only_on_hopper_in_scope(monkeypatch):
   kv = _sds((2, 256, 2, 128))
   causal = MaskSpec(causal=True)
   monkeypatch.setattr(hopper_lib, "is_hopper", lambda: False)
-  assert not pallas_bridge._use_hopper(q, kv, causal, None, False)
+  use = lambda spec=causal, softcap=None, interpret=False, v=kv: pallas_bridge._use_hopper(
+      q, kv, v, spec, 0.125, softcap, interpret)
+  assert not use()
   monkeypatch.setattr(hopper_lib, "is_hopper", lambda: True)
-  assert pallas_bridge._use_hopper(q, kv, causal, None, False)
-  lengths = MaskSpec(causal=True, kv_lengths=jnp.full((2,), 200))
-  assert not pallas_bridge._use_hopper(q, kv, lengths, None, False)
-  assert not pallas_bridge._use_hopper(q, kv, causal, 30.0, False)
-  assert not pallas_bridge._use_hopper(q, kv, causal, None, True)
+  assert use()
+  assert not use(spec=MaskSpec(causal=True, kv_lengths=jnp.full((2,), 200)))
+  assert not use(spec=MaskSpec(causal=True, q_segment_ids=jnp.zeros((2, 256), jnp.int32),
+                               kv_segment_ids=jnp.zeros((2, 256), jnp.int32)))
+  assert not use(softcap=30.0)
+  assert not use(interpret=True)
+  assert not use(v=_sds((2, 256, 2, 128), jnp.float32))
   monkeypatch.setenv("EFFJAX_PALLAS_HOPPER", "0")
-  assert not pallas_bridge._use_hopper(q, kv, causal, None, False)
+  assert not use()
 
 
 @pytest.mark.parametrize("h", [64, 128])
@@ -167,7 +182,7 @@ def test_lm_training_mask_leaves_default_positions_out(monkeypatch):
   from effjax.models import lm, registry
   seen = []
 
-  def record(q, k, spec, softcap, interpret):
+  def record(q, k, v, spec, scale, softcap, interpret):
     seen.append(spec)
     return False
   monkeypatch.setattr(pallas_bridge, "_use_hopper", record)

@@ -155,8 +155,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, spec: MaskSp
     if jax.default_backend() != "gpu":
       reason = "cuDNN attention needs an NVIDIA GPU"
     elif (spec.extra_mask is not None or spec.tree_mask is not None
-          or spec.q_positions is not None or softcap is not None):
-      reason = "cuDNN attention does not take extra masks, query offsets or soft-capping"
+          or spec.q_positions is not None or spec.kv_positions is not None
+          or spec.q_segment_ids is not None or softcap is not None):
+      # The call below passes kv_lengths and the window only: anything else would be dropped.
+      reason = ("cuDNN attention here takes no extra masks, positions, segment ids or "
+                "soft-capping")
     if reason:
       if strict:
         raise ValueError(f"impl='cudnn' cannot serve this call: {reason}; use impl='auto'")

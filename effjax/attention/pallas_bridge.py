@@ -75,7 +75,7 @@ def _is_decode(q, spec: MaskSpec) -> bool:
           and spec.kv_positions is None and spec.q_segment_ids is None)
 
 
-def _use_hopper(q, k, spec: MaskSpec, softcap, interpret) -> bool:
+def _use_hopper(q, k, v, spec: MaskSpec, scale, softcap, interpret) -> bool:
   """Whether the Hopper forward serves this (GPU-style, non-decode) call."""
   if os.environ.get("EFFJAX_PALLAS_HOPPER", "1").lower() in ("0", "off", "false"):
     return False
@@ -84,9 +84,9 @@ def _use_hopper(q, k, spec: MaskSpec, softcap, interpret) -> bool:
     return False
   has_arrays = any(x is not None for x in (spec.q_positions, spec.kv_positions, spec.kv_lengths,
                                            spec.q_segment_ids, spec.kv_segment_ids))
-  return hopper.unsupported_reason(q, k, causal=spec.causal, has_mask_arrays=has_arrays,
+  return hopper.unsupported_reason(q, k, v=v, causal=spec.causal, has_mask_arrays=has_arrays,
                                    local_window=spec.local_window, softcap=softcap,
-                                   interpret=interpret) is None
+                                   interpret=interpret, scale=scale) is None
 
 
 def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, strict,
@@ -129,7 +129,7 @@ def pallas_attention(q, k, v, spec: MaskSpec, *, scale, softcap, interpret, stri
     k, v = unflatten_kv(k, q.shape[0]), unflatten_kv(v, q.shape[0])
   if style == "tpu":
     from kernels_pallas.flash_attention_tpu import flash_attention
-  elif _use_hopper(q, k, spec, softcap, interpret):
+  elif _use_hopper(q, k, v, spec, scale, softcap, interpret):
     from kernels_pallas.flash_attention_hopper import flash_attention as hopper_attention
     return hopper_attention(q, k, v, causal=spec.causal, scale=scale)
   else:
