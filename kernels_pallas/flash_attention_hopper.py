@@ -17,9 +17,11 @@ slots, signalling barriers. A schedule barrier makes the two compute warpgroups 
 the tensor cores and the softmax, so one's exponentials overlap the other's matrix multiplies.
 
 Scope (`unsupported_reason` says which call falls outside it, and the bridge then uses the Triton
-kernel): float16/bfloat16, head_dim 64 or 128, no segment ids / kv lengths / positions / window /
-soft-cap, T a multiple of 2 x block_q (128), S a multiple of 64, and causal only with T <= S (the
-mask is `key index <= query index`, as the other kernels' default positions). Backward: the Triton
+kernel): q, k, v all float16 or all bfloat16, head_dim 64 or 128, no segment ids / kv lengths /
+positions / window / soft-cap, a positive scale, T a multiple of 2 x block_q (128), S a multiple of
+64, and causal only with T <= S (the mask is `key index <= query index`, as the other kernels'
+default positions) and not on CUDA 12.8.0-12.9.1 (JAX's example refuses it there: ptxas miscompiles
+the causal kernel). Backward: the Triton
 kernels' dq/dkv (`flash_attention_gpu._backward`), fed this forward's output and LSE - both kernels
 define the same function, so mixing them is exact up to rounding.
 
