@@ -91,3 +91,34 @@ def test_step_harness_reuses_its_donated_cache():
   first, second = np.asarray(run()), np.asarray(run())
   np.testing.assert_array_equal(first, second)
   np.testing.assert_array_equal(run.cache.lengths, [8, 8])
+
+
+def _computations_with(hlo: str, op: str) -> list[str]:
+  return [name for name, lines in _computations(hlo).items()
+          if any(f" {op}(" in line for line in lines)]
+
+
+def _rope_holders(tokens: int, steps: int) -> dict[str, list[str]]:
+  cfg = registry.get("lm/tiny").replace(num_layers=3)
+  params = random_params(cfg, 0)
+  cache = init_cache(cfg, 2, 64).with_lengths(jnp.full((2,), 8, jnp.int32))
+  hlo = _decode_steps.lower(params, cache, jnp.zeros((2, tokens), jnp.int32), config=cfg,
+                            steps=steps).compile().as_text()
+  return {op: _computations_with(hlo, op) for op in ("cosine", "sine")}
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_rope_cos_and_sin_are_evaluated_once_per_step(tokens):
+  """XLA:CPU fused the rotary cos/sin into every layer's q and k rotation, evaluating them per
+  output element (~3.5% of a `large` batch-8 step); `lm.rope_cos_sin_once` evaluates them once,
+  in a conditional's two identical branches, whatever the number of layers."""
+  for op, holders in _rope_holders(tokens, steps=2).items():
+    assert 1 <= len(holders) <= 2, f"{op} evaluated in {len(holders)} computations: {holders}"
+
+
+def test_rope_detector_counts_per_layer_evaluations(monkeypatch):
+  """Negative control: with the tables made per use (as before), every layer holds its own."""
+  from effjax.models import lm
+  monkeypatch.setattr(lm, "rope_cos_sin_once", lm.rope_cos_sin)
+  for op, holders in _rope_holders(1, steps=3).items():
+    assert len(holders) >= 3, f"{op} in {len(holders)} computations: {holders}"

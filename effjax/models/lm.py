@@ -201,14 +201,42 @@ def rope_inv_freq(head_dim: int, theta: float,
   return np.where(is_medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates [B, T, heads, H] by `positions` [B, T] (transformers' rotate_half convention)."""
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of the rotary angles, each [B, T, 1, H] float32, for `positions` [B, T]."""
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
-  cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+  return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+
+
+def rope_cos_sin_once(positions: jax.Array,
+                      inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """`rope_cos_sin`, evaluated once per forward however many layers and heads use it.
+
+  XLA:CPU fuses the cos and sin into every consumer, each layer's q and k rotation, and evaluates
+  them there once per output element: per head, per layer. In a `large` batch-8 decode step that
+  was 16 us for q and 10 us for k per layer, ~3.5% of the step (RESULTS.md, "RoPE tables once per
+  forward"). `jax.lax.optimization_barrier` does not stop it (XLA:CPU drops the barrier before
+  fusing); a conditional does: its operands and results are buffers that fusion cannot cross. Both
+  branches are this same function, so the predicate (which XLA must not be able to fold) does not
+  change the values. Other backends fuse well and would pay for a conditional, so they get
+  `rope_cos_sin` as it is.
+  """
+  tables = lambda p: rope_cos_sin(p, inv_freq)
+  if jax.default_backend() != "cpu" or positions.size == 0:
+    return tables(positions)
+  return jax.lax.cond(positions.reshape(-1)[0] >= 0, tables, tables, positions)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates [B, T, heads, H] by `rope_cos_sin`'s tables (transformers' rotate_half convention)."""
   x1, x2 = jnp.split(x, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates [B, T, heads, H] by `positions` [B, T] (transformers' rotate_half convention)."""
+  return rotate(x, *rope_cos_sin(positions, inv_freq))
 
 
 def _dense_param(module, name, shape, axes, dtype, fan_in):
@@ -330,7 +358,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, layer_k=None, layer_v=None, lengths=None, segment_ids=None,
-               new_token_mask=None):
+               new_token_mask=None, rope=None):
+    """`rope`: `rope_cos_sin(positions, ...)`, computed once for all layers (None: here)."""
     cfg = self.config
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pdt, prec = cfg.weight_dtype, cfg.precision
@@ -351,9 +380,9 @@ class Attention(nn.Module):
       key = _project(x, wk, cfg, few_rows, "btd,dkh->btkh", _packed(self, "wk"))  # [B, T, K, H]
       val = _project(x, wv, cfg, few_rows, "btd,dkh->btkh", _packed(self, "wv"))  # [B, T, K, H]
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
-    inv_freq = rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling)
-    q = apply_rope(q, positions, inv_freq)
-    key = apply_rope(key, positions, inv_freq)
+    if rope is None:
+      rope = rope_cos_sin(positions, rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling))
+    q, key = rotate(q, *rope), rotate(key, *rope)
 
     t = x.shape[1]
     if layer_k is None:  # Training / full forward: attend within the new tokens.
@@ -415,11 +444,13 @@ class Block(nn.Module):
   default_positions: bool = False  # See Attention.
 
   @nn.compact
-  def __call__(self, x, positions, layer_k, layer_v, lengths, segment_ids, new_token_mask):
+  def __call__(self, x, positions, layer_k, layer_v, lengths, segment_ids, new_token_mask,
+               rope=None):
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
     attn_out, new_k, new_v = Attention(cfg, self.few_rows, self.default_positions, name="attn")(
-        norm("attn_norm")(x), positions, layer_k, layer_v, lengths, segment_ids, new_token_mask)
+        norm("attn_norm")(x), positions, layer_k, layer_v, lengths, segment_ids, new_token_mask,
+        rope)
     x = x + attn_out
     x = x + MLP(cfg, self.few_rows, name="mlp")(norm("mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
@@ -462,6 +493,9 @@ class LM(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     block_cls = nn.remat(Block) if cfg.remat else Block
     few_rows = cfg.uses_few_row_matmul(cache is not None, t)
+    # Once for every layer.
+    rope = rope_cos_sin_once(
+        positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     new_k, new_v, layer_hidden = [], [], []
     for i in range(cfg.num_layers):
       if return_layer_hidden:
@@ -470,7 +504,7 @@ class LM(nn.Module):
       lv = cache.v[i] if cache is not None else None
       x, k_i, v_i = block_cls(cfg, few_rows, default_positions, name=f"layer_{i}")(
           x, positions, lk, lv, cache.lengths if cache is not None else None, segment_ids,
-          new_token_mask)
+          new_token_mask, rope)
       new_k.append(k_i)
       new_v.append(v_i)
     if return_layer_hidden:
