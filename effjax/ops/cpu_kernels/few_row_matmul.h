@@ -125,6 +125,14 @@ inline void keep_in_register(Vec& v) {
 // alternation); with weights in cache the blocking costs 10-25%, hence the flag.
 constexpr int64_t kUnit = kWideVecs * kLanes;  // Columns per work unit (128 with AVX-512).
 constexpr int64_t kKBlock = 64;  // Weight rows per block: 32 KB of a 128-column panel (L1).
+// Up to kFewRows rows (decoding at batch <= 12) take half-size blocks, and their wide tiles help
+// prefetch the next block too (the narrow tiles alone, at 5-9 rows, are too short a stretch of
+// arithmetic to spread a block's requests over). Whole generations of benchmarks/decode.py's
+// 126 MB `large` on AMD Zen 4 (in-process alternation): batch 8 13% faster (1305 -> 1139 ms), batch
+// 4 8%, batch 6 7%, batch 12 5%, batch 16 3.5% slower - hence the bound (RESULTS.md, "Smaller
+// blocks for a few rows").
+constexpr int64_t kKBlockFewRows = 32;
+constexpr int64_t kFewRows = 12;
 // Columns per panel of packed weights, whatever the vector width (a multiple of every kUnit).
 constexpr int64_t kPanel = 128;
 static_assert(kPanel % kUnit == 0, "a work unit must not straddle two packed panels");
@@ -286,13 +294,16 @@ void nn_unit(const ProblemT<W>& p, int64_t unit, bool stream) {
     }
     tiles += (width + kNarrow - 1) / kNarrow;
   }
-  for (int64_t k0 = 0; k0 < p.k; k0 += kKBlock) {
-    const int64_t k1 = std::min(p.k, k0 + kKBlock);
-    nn_rows<kWideVecs>(p, 0, kWideRows, c0, width, k0, k1);  // Reads the block from memory.
+  const bool few = p.m <= kFewRows;
+  const int64_t block = few ? kKBlockFewRows : kKBlock;
+  for (int64_t k0 = 0; k0 < p.k; k0 += block) {
+    const int64_t k1 = std::min(p.k, k0 + block);
     int64_t ld = 0;
     const W* next_row = k1 < p.k ? weight_row(p, k1, c0, ld) : nullptr;
     Prefetch next(reinterpret_cast<const char*>(next_row), ld * sizeof(W), width * sizeof(W),
-                  std::min(p.k, k1 + kKBlock) - k1, tiles * (k1 - k0));
+                  std::min(p.k, k1 + block) - k1, (tiles + (few ? 1 : 0)) * (k1 - k0));
+    // Reads the block from memory (and, for a few rows, asks for the next one meanwhile).
+    nn_rows<kWideVecs>(p, 0, kWideRows, c0, width, k0, k1, few ? &next : nullptr);
     nn_row_groups(p, kWideRows, c0, width, k0, k1, &next);  // Finds it in L1.
   }
 }
