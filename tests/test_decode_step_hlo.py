@@ -98,8 +98,8 @@ def _computations_with(hlo: str, op: str) -> list[str]:
           if any(f" {op}(" in line for line in lines)]
 
 
-def _rope_holders(tokens: int, steps: int) -> dict[str, list[str]]:
-  cfg = registry.get("lm/tiny").replace(num_layers=3)
+def _rope_holders(tokens: int, steps: int, num_layers: int = 3) -> dict[str, list[str]]:
+  cfg = registry.get("lm/tiny").replace(num_layers=num_layers)
   params = random_params(cfg, 0)
   cache = init_cache(cfg, 2, 64).with_lengths(jnp.full((2,), 8, jnp.int32))
   hlo = _decode_steps.lower(params, cache, jnp.zeros((2, tokens), jnp.int32), config=cfg,
@@ -120,5 +120,6 @@ def test_rope_detector_counts_per_layer_evaluations(monkeypatch):
   """Negative control: with the tables made per use (as before), every layer holds its own."""
   from effjax.models import lm
   monkeypatch.setattr(lm, "rope_cos_sin_once", lm.rope_cos_sin)
-  for op, holders in _rope_holders(1, steps=3).items():
-    assert len(holders) >= 3, f"{op} in {len(holders)} computations: {holders}"
+  # Another config (a static argument) than the test above, so jit traces anew with the patch.
+  for op, holders in _rope_holders(1, steps=2, num_layers=4).items():
+    assert len(holders) >= 4, f"{op} in {len(holders)} computations: {holders}"

@@ -217,14 +217,16 @@ def rope_cos_sin_once(positions: jax.Array,
   was 16 us for q and 10 us for k per layer, ~3.5% of the step (RESULTS.md, "RoPE tables once per
   forward"). `jax.lax.optimization_barrier` does not stop it (XLA:CPU drops the barrier before
   fusing); a conditional does: its operands and results are buffers that fusion cannot cross. Both
-  branches are this same function, so the predicate (which XLA must not be able to fold) does not
-  change the values. Other backends fuse well and would pay for a conditional, so they get
-  `rope_cos_sin` as it is.
+  branches are this same function, so the predicate (one XLA does not fold) does not change the
+  values. Other platforms fuse well and would pay for a conditional, so they get `rope_cos_sin` as
+  it is (chosen by the platform the program is lowered for). Under `jax.vmap` with batched positions
+  the conditional becomes a select and the saving is lost (the values stay the same).
   """
   tables = lambda p: rope_cos_sin(p, inv_freq)
-  if jax.default_backend() != "cpu" or positions.size == 0:
+  if positions.size == 0:
     return tables(positions)
-  return jax.lax.cond(positions.reshape(-1)[0] >= 0, tables, tables, positions)
+  once = lambda p: jax.lax.cond(p.reshape(-1)[0] >= 0, tables, tables, p)
+  return jax.lax.platform_dependent(positions, cpu=once, default=tables)
 
 
 def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

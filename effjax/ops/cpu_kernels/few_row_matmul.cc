@@ -7,8 +7,9 @@
 //
 // Operands:   x [M, K];  w [K, N] ("nn", a Dense kernel) or [N, K] ("nt", a tied embedding)
 // Attributes: transpose_w (bool): w is [N, K]
-//             stream (bool): read each block of kKBlock weight rows once, wide, for the first
-//               rows, then reuse it from L1 for the others while prefetching the next block
+//             stream (bool): read each block of weight rows (kKBlock; kKBlockFewRows for up
+//               to kFewRows rows) once, wide, for the first rows, then reuse it from L1 for
+//               the others while prefetching the next block
 //               (pays off for weights from DRAM, and for packed weights: 5-12% at 5-33 rows of
 //               lm/small's shapes, RESULTS.md)
 //             packed (bool, "nn" only): w holds the K x N elements panel by panel (`kPanel`

@@ -117,7 +117,8 @@ inline void keep_in_register(Vec& v) {
 // sharing each weight load. Chosen by end-to-end decoding (benchmarks/decode.py), not by
 // single-matmul timings, which on this machine mostly measured which weights stayed in L2.
 //
-// With `stream`, more than kWideRows rows walk the panel in blocks of kKBlock weight rows: the
+// With `stream`, more than kWideRows rows walk the panel in blocks of weight rows (kKBlock, or
+// kKBlockFewRows for up to kFewRows rows): the
 // first kWideRows rows take each block in wide reads straight from DRAM, the other rows' narrow
 // tiles then find it in L1 (accumulators go to `out` between blocks and come back exactly). The
 // narrow tiles' 256-byte pieces of weight rows 6 KB apart were the slow part from DRAM: at 8 rows,
@@ -125,12 +126,13 @@ inline void keep_in_register(Vec& v) {
 // alternation); with weights in cache the blocking costs 10-25%, hence the flag.
 constexpr int64_t kUnit = kWideVecs * kLanes;  // Columns per work unit (128 with AVX-512).
 constexpr int64_t kKBlock = 64;  // Weight rows per block: 32 KB of a 128-column panel (L1).
-// Up to kFewRows rows (decoding at batch <= 12) take half-size blocks, and their wide tiles help
-// prefetch the next block too (the narrow tiles alone, at 5-9 rows, are too short a stretch of
-// arithmetic to spread a block's requests over). Whole generations of benchmarks/decode.py's
-// 126 MB `large` on AMD Zen 4 (in-process alternation): batch 8 13% faster (1305 -> 1139 ms), batch
-// 4 8%, batch 6 7%, batch 12 5%, batch 16 3.5% slower - hence the bound (RESULTS.md, "Smaller
-// blocks for a few rows").
+// Up to kFewRows rows (M = batch x new tokens: one-token decoding at batch <= 12) take half-size
+// blocks, and their wide tile asks for the next block too, not only the tiles after it (which at
+// 1-9 rows are a short stretch of arithmetic to spread a block's requests over). Whole generations
+// of benchmarks/decode.py's 126 MB `large` on AMD Zen 4 (in-process alternation): batch 8 13%
+// faster (1305 -> 1139 ms), batch 4 8%, batch 6 7%, batch 12 5%, batch 16 3.5% slower - hence the
+// bound; single-call timings had shown at most ~10%, within their spread (RESULTS.md, "Large batch
+// 8 at 3x").
 constexpr int64_t kKBlockFewRows = 32;
 constexpr int64_t kFewRows = 12;
 // Columns per panel of packed weights, whatever the vector width (a multiple of every kUnit).
@@ -161,7 +163,8 @@ inline const W* weight_row(const ProblemT<W>& p, int64_t k0, int64_t c0, int64_t
 }
 
 // With `stream`, a block's first rows wait on memory while the others then compute from L1 with
-// the memory bus idle. The narrow tiles therefore ask for the next block's cache lines as they go,
+// the memory bus idle. The tiles after the first kWideRows rows (and, for up to kFewRows rows, the
+// wide tile of those first rows too) therefore ask for the next block's cache lines as they go,
 // a few per k step (into L2: prefetching into L1 would evict the block they are using), so the
 // next block's reads overlap this block's arithmetic: 20-23% less time at 8-20 rows on 3 MB
 // weight matrices from DRAM, 6-8% at 9-20 rows on lm/small's 0.8 MB ones (RESULTS.md,
@@ -284,7 +287,7 @@ void nn_unit(const ProblemT<W>& p, int64_t unit, bool stream) {
   const int64_t c0 = unit * kUnit, width = std::min(kUnit, p.n - c0);
   if (!stream || p.m <= kWideRows) return nn_row_groups(p, 0, c0, width, 0, p.k);
   // Tiles the rows past the first kWideRows take per block (nn_row_groups' split), to spread the
-  // next block's prefetches over their k steps.
+  // next block's prefetches over their k steps (plus the first rows' wide tile for a few rows).
   constexpr int64_t kNarrow = kNarrowVecs * kLanes;
   int64_t tiles = 0;
   for (int64_t left = p.m - kWideRows; left > 0; left -= std::min<int64_t>(kMaxRows, left)) {
