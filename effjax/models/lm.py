@@ -495,7 +495,7 @@ class LM(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     block_cls = nn.remat(Block) if cfg.remat else Block
     few_rows = cfg.uses_few_row_matmul(cache is not None, t)
-    # Once for every layer.
+    # cos/sin of the rotary angles, once for every layer (see rope_cos_sin_once).
     rope = rope_cos_sin_once(
         positions, rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     new_k, new_v, layer_hidden = [], [], []

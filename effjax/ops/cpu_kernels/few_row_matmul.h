@@ -118,9 +118,9 @@ inline void keep_in_register(Vec& v) {
 // single-matmul timings, which on this machine mostly measured which weights stayed in L2.
 //
 // With `stream`, more than kWideRows rows walk the panel in blocks of weight rows (kKBlock, or
-// kKBlockFewRows for up to kFewRows rows): the
-// first kWideRows rows take each block in wide reads straight from DRAM, the other rows' narrow
-// tiles then find it in L1 (accumulators go to `out` between blocks and come back exactly). The
+// kKBlockFewRows for up to kFewRows rows): the first kWideRows rows take each block in wide reads
+// straight from DRAM, the other rows' narrow tiles then find it in L1 (accumulators go to `out`
+// between blocks and come back exactly). The
 // narrow tiles' 256-byte pieces of weight rows 6 KB apart were the slow part from DRAM: at 8 rows,
 // [8, 512] x [512, 1536] over 189 MB of weights took 343 us against 210 us this way (in-process
 // alternation); with weights in cache the blocking costs 10-25%, hence the flag.
