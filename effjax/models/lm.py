@@ -236,11 +236,6 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-  """Rotates [B, T, heads, H] by `positions` [B, T] (transformers' rotate_half convention)."""
-  return rotate(x, *rope_cos_sin(positions, inv_freq))
-
-
 def _dense_param(module, name, shape, axes, dtype, fan_in):
   init = nn.initializers.normal(stddev=fan_in ** -0.5)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)

@@ -109,7 +109,7 @@ void rope_tables(const int64_t* pos, const float* inv_freq, int64_t m, int64_t h
 }
 
 // Rotates one head vector v [h] by the angles of its row (transformers' rotate_half convention,
-// as effjax.models.lm.apply_rope).
+// as effjax.models.lm.rotate).
 inline void rope(float* v, const float* c, const float* s, int64_t h) {
   const int64_t half = h / 2;
   for (int64_t i = 0; i < half; ++i) {
