@@ -55,15 +55,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_timing import interleaved_medians, per_call_seconds  # noqa: E402
 from effjax.generate import engine  # noqa: E402
-from effjax.models import LMConfig, random_params  # noqa: E402
+from effjax.models import LMConfig, random_params, registry  # noqa: E402
 from effjax.models.lm import pack_weights  # noqa: E402
 
-MODELS = {
-    "small": LMConfig(vocab_size=264, d_model=256, num_layers=6, num_heads=8, num_kv_heads=4,
-                      head_dim=32, mlp_dim=768, max_len=1024),
-    "large": LMConfig(vocab_size=264, d_model=512, num_layers=10, num_heads=8, num_kv_heads=4,
-                      head_dim=64, mlp_dim=1536, max_len=1024),
-}
+# lm/small (19 MB: fits a 32 MB L3) and lm/large (126 MB: streams from DRAM every step).
+MODELS = {"small": registry.get("lm/small"), "large": registry.get("lm/large")}
 
 
 def log(*args):

@@ -9,14 +9,31 @@ Models: the stdlib target (lm/small) and drafts (lm/draft) trained by the founda
   python -m experiments.train --config=configs/lm/stdlib.py:draft --workdir=/tmp/effjax/lm_draft
   python -m experiments.distill --config=configs/distill/drafts.py --workdir=/tmp/effjax/drafts
 
+Speculative decoding pays where a decode step is bound by reading the weights: a (gamma + 1)-token
+verification pass then costs little more than one step. lm/small's 19 MB fit the 32 MB L3 of an AMD
+Zen 4 VM, where its one-token step is fast and its verification passes compute-bound, and no draft
+reaches 2.5x (RESULTS.md); `--target_model=lm/large` (126 MB) or `lm/medium` (53 MB) measure the
+regime the technique is built for, with a draft distilled on that target's greedy text:
+
+  python -m experiments.train --config=configs/lm/stdlib.py:large --workdir=/tmp/effjax/lm_large
+  python -m experiments.distill --config=configs/distill/drafts.py --workdir=/tmp/effjax/drafts_large \
+      --config.methods="('scratch','seqkd')" --config.seqkd.temperature=0.0 \
+      --config.teacher.model=lm/large --config.teacher.checkpoint=/tmp/effjax/lm_large
+  python benchmarks/speculative.py --target_model=lm/large --target_workdir=/tmp/effjax/lm_large \
+      --draft_workdir=/tmp/effjax/drafts_large/scratch \
+      --distilled_workdir=/tmp/effjax/drafts_large/seqkd --gammas=1,2,3,4,6,8 --batches=1,4
+
 Missing target/draft checkpoints are trained here briefly with those configs (`--train_steps`), cached
 in their workdirs; the distilled draft is used when its workdir exists. For every draft, temperature
 (greedy and 1.0), batch (1, 4, 16) and gamma (1..8, plus adaptive), the same engine runs plain
 autoregressive decoding of the target (`effjax.generate.generate`) and speculative decoding on the same
 prompts (held-out stdlib code); batch 1 runs four prompts one after another. The peer is transformers'
 assisted generation (`generate(assistant_model=...)`, batch 1, greedy: it refuses larger batches) on
-the same weights exported with `effjax.interop.hf_llama`. Medians of `--reps` timed runs after a
-warm-up. The last stdout line is one JSON object with every figure; `--write_md` also writes the
+the same weights exported with `effjax.interop.hf_llama`. Each setting's runs alternate with
+autoregressive runs of the same prompts after a warm-up, and its speedup is the median of the
+`--reps` paired ratios (`metrics.paired_speedup_over_sets`): on these VMs the same autoregressive
+generation took 1.6 s and 2.0 s a few minutes apart, which timing the baseline once per batch had
+turned into +-20% on every ratio. The last stdout line is one JSON object with every figure; `--write_md` also writes the
 markdown summary.
 
 Goals (issue 5): >= 2.5x over effjax autoregressive at batch 1 greedy; >= 1.5x at batch 4; >= 1.5x
@@ -53,10 +70,19 @@ from effjax.speculative.decode import resolve_fused_draft, speculative_generate 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Target model -> its configs/lm/stdlib.py variant (trained here when its checkpoint is missing).
+_TARGET_VARIANTS = {"lm/small": None, "lm/medium": "medium", "lm/large": "large"}
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small sweep, under ~2 minutes when idle")
-  p.add_argument("--target_workdir", default="/tmp/effjax/lm_stdlib")
+  p.add_argument("--target_model", default="lm/small", choices=sorted(_TARGET_VARIANTS),
+                 help="the target's registry name: lm/small (19 MB), lm/medium (53 MB) or lm/large "
+                      "(126 MB); the last two exceed a 32 MB L3, so their decode steps stream "
+                      "from DRAM")
+  p.add_argument("--target_workdir", default=None,
+                 help="default /tmp/effjax/lm_stdlib (lm/small), else /tmp/effjax/lm_<size>")
   p.add_argument("--draft_workdir", default="/tmp/effjax/lm_draft")
   p.add_argument("--distilled_workdir", default="/tmp/effjax/drafts/onpolicy_tvd")
   p.add_argument("--train_steps", type=int, default=300,
@@ -67,7 +93,11 @@ def parse_args(argv=None):
   p.add_argument("--gammas", default=None, help="comma-separated (default 1..8; 2,4,6 quick)")
   p.add_argument("--batches", default=None, help="comma-separated (default 1,4,16; 1,4 quick)")
   p.add_argument("--write_md", default=None, help="write the markdown summary to this path")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if args.target_workdir is None:
+    args.target_workdir = ("/tmp/effjax/lm_stdlib" if args.target_model == "lm/small"
+                           else "/tmp/effjax/lm_" + args.target_model.split("/")[1])
+  return args
 
 
 def _stdlib_config(arg):
@@ -151,9 +181,11 @@ def main(argv=None):
   reps = args.reps or (2 if quick else 3)
   t_start = time.time()
 
-  ensure_trained(args.target_workdir, None, args.train_steps, not args.no_train)
+  ensure_trained(args.target_workdir, _TARGET_VARIANTS[args.target_model], args.train_steps,
+                 not args.no_train)
   ensure_trained(args.draft_workdir, "draft", args.train_steps, not args.no_train)
-  t_cfg, target = experiment.load_lm(dict(model="lm/small", checkpoint=args.target_workdir))
+  t_cfg, target = experiment.load_lm(dict(model=args.target_model,
+                                                  checkpoint=args.target_workdir))
   drafts = {"scratch": experiment.load_lm(dict(model="lm/draft", checkpoint=args.draft_workdir))}
   distilled_ckpt = os.path.join(args.distilled_workdir, "checkpoints")
   if not quick and os.path.isdir(distilled_ckpt) and os.listdir(distilled_ckpt):
@@ -183,21 +215,25 @@ def main(argv=None):
       for temp in temps:
         sampling = SamplingParams(temperature=temp)
         rng = jax.random.key(0)
-        ar_s, ar_outs = metrics_lib.median_seconds_over_sets(
-            lambda p: generate(target, t_cfg, p, max_new_tokens=max_new, sampling=sampling,
-                               rng=rng), sets, reps)
+        ar_fn = lambda p: generate(target, t_cfg, p, max_new_tokens=max_new, sampling=sampling,
+                                   rng=rng)
+        ar_outs = [ar_fn(p) for p in sets]  # Compiles; the greedy rows' reference tokens.
         for gamma, adaptive in [(g, False) for g in gammas] + [(max(gammas), True)]:
-          spec_s, outs = metrics_lib.median_seconds_over_sets(lambda p: speculative_generate(
+          spec_fn = lambda p: speculative_generate(
               target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
               sampling=sampling, rng=rng, adaptive=adaptive, cost_ratio=cost,
-              verify_cost=verify_cost if adaptive else 1.0), sets, reps)
+              verify_cost=verify_cost if adaptive else 1.0)
+          outs = [spec_fn(p) for p in sets]
+          # Autoregressive and speculative runs alternate, each setting with its own baseline.
+          timing = metrics_lib.paired_speedup_over_sets(ar_fn, spec_fn, sets, reps)
+          ar_s, spec_s, speedup = timing["baseline_s"], timing["seconds"], timing["speedup"]
           merged, lengths = metrics_lib.merge_rows(outs)
           s = metrics_lib.summarize(merged, lengths, cost_ratio=cost,
                                     verify_cost=verify_cost if adaptive else None,
-                                    measured_speedup=ar_s / spec_s)
+                                    measured_speedup=speedup)
           row = {"draft": name, "temperature": temp, "batch": batch,
                  "gamma": f"{gamma}a" if adaptive else gamma, "ar_s": round(ar_s, 4),
-                 "spec_s": round(spec_s, 4), "speedup": round(ar_s / spec_s, 3),
+                 "spec_s": round(spec_s, 4), "speedup": round(speedup, 3),
                  "predicted_speedup": round(s.get("predicted_speedup", float("nan")), 3),
                  "alpha": round(s["alpha"], 3), "tau": round(s["tau"], 3),
                  "passes_per_token": round(s["target_passes_per_token"], 3),
@@ -211,12 +247,13 @@ def main(argv=None):
             row["lossless"] = all(np.array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
                                   for a, b in zip(outs, ar_outs))
             if fused and not adaptive:  # The same run with XLA's ops for the draft's steps.
-              unfused_s, _ = metrics_lib.median_seconds_over_sets(
-                  lambda p: speculative_generate(
-                      target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
-                      sampling=sampling, rng=rng, fused_draft=False), sets, reps)
-              row["unfused_draft_spec_s"] = round(unfused_s, 4)
-              row["unfused_draft_speedup"] = round(ar_s / unfused_s, 3)
+              unfused_fn = lambda p: speculative_generate(
+                  target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
+                  sampling=sampling, rng=rng, fused_draft=False)
+              jax.block_until_ready([unfused_fn(p).tokens for p in sets])
+              unfused = metrics_lib.paired_speedup_over_sets(ar_fn, unfused_fn, sets, reps)
+              row["unfused_draft_spec_s"] = round(unfused["seconds"], 4)
+              row["unfused_draft_speedup"] = round(unfused["speedup"], 3)
           rows.append(row)
           print(json.dumps(row), file=sys.stderr, flush=True)
 
@@ -254,6 +291,7 @@ def main(argv=None):
       "machine": experiment.machine(), "quick": quick, "max_new_tokens": max_new, "reps": reps,
       "prompts": "16 windows of 64 bytes from held-out stdlib files (seed 0); batch 1 = 4 prompts "
                  "run one after another", "drafts": sorted(drafts), "target": args.target_workdir,
+      "target_model": args.target_model, "target_weight_mb": round(t_cfg.weight_bytes() / 2**20, 1),
       "rows": rows, "best_batch1_greedy": best1, "best_batch4_greedy": best4,
       "hf": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in hf.items()},
       "goals": goals, "wall_s": round(time.time() - t_start, 1),

@@ -285,6 +285,33 @@ def test_summarize_and_predicted_speedup():
   assert s["predicted_speedup_verify"] < s["predicted_speedup"]
 
 
+def test_paired_speedup_follows_a_drifting_machine(monkeypatch):
+  """The speedup is the median of per-repeat ratios, so a machine slowing down mid-run moves the
+  baseline and the candidate together."""
+  clock = [0.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+  slowdown = iter([1.0, 3.0, 3.0])  # The machine turns 3x slower after the first repeat.
+
+  class Out:
+    tokens = jnp.zeros((1,))
+
+  def runs(seconds):
+    def fn(prompts):
+      clock[0] += seconds * speed[0]
+      return Out()
+    return fn
+
+  speed = [1.0]
+
+  def baseline(p):
+    speed[0] = next(slowdown)
+    return runs(2.0)(p)
+  t = metrics.paired_speedup_over_sets(baseline, runs(1.0), [None], repeats=3)
+  assert t["speedup"] == pytest.approx(2.0)  # Every repeat: 2 s vs 1 s at the same speed.
+  # The medians themselves carry the slowdown (2 of 3 repeats ran 3x slower).
+  assert t["baseline_s"] == pytest.approx(6.0) and t["seconds"] == pytest.approx(3.0)
+
+
 def test_bad_input_is_refused(models):
   cfg, target, _, _ = models
   prompts, lengths = prompts_for(1)

@@ -27,6 +27,28 @@ def small() -> LMConfig:
                   head_dim=32, mlp_dim=768, max_len=1024)
 
 
+@register("lm/medium")
+def medium() -> LMConfig:
+  """CPU target past a 32 MB L3: 8 layers, width 384 (~13.9M parameters, 56 MB in float32).
+
+  lm/small's 19 MB fit the last-level cache of some CPUs (AMD Zen 4's 32 MB), where its one-token
+  decode step is no longer memory-bound and speculative decoding has little to win; this one's
+  weights come from DRAM on such machines, the regime the technique is built for.
+  """
+  return LMConfig(vocab_size=BYTE_VOCAB, d_model=384, num_layers=8, num_heads=6, num_kv_heads=2,
+                  head_dim=64, mlp_dim=1152, max_len=1024)
+
+
+@register("lm/large")
+def large() -> LMConfig:
+  """CPU target far past a 32 MB L3: 10 layers, width 512 (~31.5M parameters, 126 MB in float32).
+
+  The shape of benchmarks/decode.py's `large`: every decode step streams its weights from DRAM.
+  """
+  return LMConfig(vocab_size=BYTE_VOCAB, d_model=512, num_layers=10, num_heads=8, num_kv_heads=4,
+                  head_dim=64, mlp_dim=1536, max_len=1024)
+
+
 @register("lm/base")
 def base() -> LMConfig:
   """Accelerator-sized: 12 layers, width 768, GQA 12:4 (~85M parameters)."""

@@ -63,6 +63,29 @@ def median_seconds_over_sets(fn, prompt_sets, repeats: int):
   return statistics.median(times), outs
 
 
+def paired_speedup_over_sets(baseline_fn, fn, prompt_sets, repeats: int) -> dict:
+  """Times `baseline_fn` and `fn` over every prompt set in alternation: the speedup of `fn`.
+
+  Both must be compiled already (their first calls are not timed). Each repeat runs the baseline
+  over the sets, then `fn`; the speedup is the median of the repeats' ratios, so a machine whose
+  speed drifts within a run (2-core VMs here: autoregressive generation of the same prompts took
+  1.6 s in one minute and 2.0 s a few minutes later) moves both sides of each ratio together.
+
+  Returns:
+    dict with baseline_s and seconds (medians) and speedup (median of baseline / seconds).
+  """
+  def timed(f):
+    start = time.perf_counter()
+    jax.block_until_ready([f(p).tokens for p in prompt_sets])
+    return time.perf_counter() - start
+  base, new = [], []
+  for _ in range(repeats):
+    base.append(timed(baseline_fn))
+    new.append(timed(fn))
+  return {"baseline_s": statistics.median(base), "seconds": statistics.median(new),
+          "speedup": statistics.median(b / n for b, n in zip(base, new))}
+
+
 def merge_rows(outputs) -> tuple:
   """(metrics, lengths) of several `SpecOutput`s as if they were one batch: counters that are
   per-row arrays are concatenated, scalar counters summed."""
