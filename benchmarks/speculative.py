@@ -218,12 +218,14 @@ def main(argv=None):
         ar_fn = lambda p: generate(target, t_cfg, p, max_new_tokens=max_new, sampling=sampling,
                                    rng=rng)
         ar_outs = [ar_fn(p) for p in sets]  # Compiles; the greedy rows' reference tokens.
+        jax.block_until_ready([o.tokens for o in ar_outs])  # Dispatch is asynchronous.
         for gamma, adaptive in [(g, False) for g in gammas] + [(max(gammas), True)]:
           spec_fn = lambda p: speculative_generate(
               target, t_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=max_new,
               sampling=sampling, rng=rng, adaptive=adaptive, cost_ratio=cost,
               verify_cost=verify_cost if adaptive else 1.0)
           outs = [spec_fn(p) for p in sets]
+          jax.block_until_ready([o.tokens for o in outs])  # Not into the first timed run.
           # Autoregressive and speculative runs alternate, each setting with its own baseline.
           timing = metrics_lib.paired_speedup_over_sets(ar_fn, spec_fn, sets, reps)
           ar_s, spec_s, speedup = timing["baseline_s"], timing["seconds"], timing["speedup"]

@@ -66,7 +66,8 @@ def median_seconds_over_sets(fn, prompt_sets, repeats: int):
 def paired_speedup_over_sets(baseline_fn, fn, prompt_sets, repeats: int) -> dict:
   """Times `baseline_fn` and `fn` over every prompt set in alternation: the speedup of `fn`.
 
-  Both must be compiled already (their first calls are not timed). Each repeat runs the baseline
+  Both must be compiled and idle already (call each once and block on its outputs: dispatch is
+  asynchronous, and a warm-up still running would slow the first timed run). Each repeat runs the baseline
   over the sets, then `fn`; the speedup is the median of the repeats' ratios, so a machine whose
   speed drifts within a run (2-core VMs here: autoregressive generation of the same prompts took
   1.6 s in one minute and 2.0 s a few minutes later) moves both sides of each ratio together.
