@@ -33,8 +33,8 @@ the same weights exported with `effjax.interop.hf_llama`. Each setting's runs al
 autoregressive runs of the same prompts after a warm-up, and its speedup is the median of the
 `--reps` paired ratios (`metrics.paired_speedup_over_sets`): on these VMs the same autoregressive
 generation took 1.9 s and 1.6 s a few minutes apart, which timing the baseline once per draft,
-batch and temperature had turned into 20% on every ratio. The last stdout line is one JSON object with every figure; `--write_md` also writes the
-markdown summary.
+batch and temperature had turned into 20% on every ratio. The last stdout line is one JSON object
+with every figure; `--write_md` also writes the markdown summary.
 
 Goals (issue 5): >= 2.5x over effjax autoregressive at batch 1 greedy; >= 1.5x at batch 4; >= 1.5x
 faster in absolute time than transformers' assisted generation. `goals` also reports, per batch,

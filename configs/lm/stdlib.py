@@ -52,7 +52,7 @@ _VARIANTS = ("default", "tiny", "draft", "medium", "large")
 
 
 def get_config(arg=None):
-  """Returns the config of variant `arg` (None or "default", "tiny", "draft", "medium")."""
+  """Returns the config of variant `arg` (None or one of `_VARIANTS`)."""
   arg = arg or "default"
   if arg not in _VARIANTS:
     raise ValueError(f"unknown variant {arg!r} of configs/lm/stdlib.py; choose one of {_VARIANTS}")

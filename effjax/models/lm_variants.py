@@ -29,7 +29,7 @@ def small() -> LMConfig:
 
 @register("lm/medium")
 def medium() -> LMConfig:
-  """CPU target past a 32 MB L3: 8 layers, width 384 (~13.9M parameters, 56 MB in float32).
+  """CPU target past a 32 MB L3: 8 layers, width 384 (~13.9M parameters, 53 MB in float32).
 
   lm/small's 19 MB fit the last-level cache of some CPUs (AMD Zen 4's 32 MB), where its one-token
   decode step is no longer memory-bound and speculative decoding has little to win; this one's
