@@ -46,6 +46,13 @@ def predicted_speedup(alpha: float, gamma: float, cost_ratio: float,
   return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + verify_cost)
 
 
+def _seconds_over_sets(fn, prompt_sets) -> float:
+  """Wall seconds of `fn(prompts)` for every prompt set in turn, until all tokens are ready."""
+  start = time.perf_counter()
+  jax.block_until_ready([fn(p).tokens for p in prompt_sets])
+  return time.perf_counter() - start
+
+
 def median_seconds_over_sets(fn, prompt_sets, repeats: int):
   """Median seconds of running `fn(prompts)` over every prompt set in turn, after one warm-up pass.
 
@@ -55,11 +62,7 @@ def median_seconds_over_sets(fn, prompt_sets, repeats: int):
   """
   outs = [fn(p) for p in prompt_sets]
   jax.block_until_ready([o.tokens for o in outs])
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready([fn(p).tokens for p in prompt_sets])
-    times.append(time.perf_counter() - start)
+  times = [_seconds_over_sets(fn, prompt_sets) for _ in range(repeats)]
   return statistics.median(times), outs
 
 
@@ -75,14 +78,10 @@ def paired_speedup_over_sets(baseline_fn, fn, prompt_sets, repeats: int) -> dict
   Returns:
     dict with baseline_s and seconds (medians) and speedup (median of baseline / seconds).
   """
-  def timed(f):
-    start = time.perf_counter()
-    jax.block_until_ready([f(p).tokens for p in prompt_sets])
-    return time.perf_counter() - start
   base, new = [], []
   for _ in range(repeats):
-    base.append(timed(baseline_fn))
-    new.append(timed(fn))
+    base.append(_seconds_over_sets(baseline_fn, prompt_sets))
+    new.append(_seconds_over_sets(fn, prompt_sets))
   return {"baseline_s": statistics.median(base), "seconds": statistics.median(new),
           "speedup": statistics.median(b / n for b, n in zip(base, new))}
 
