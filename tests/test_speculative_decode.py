@@ -312,6 +312,44 @@ def test_paired_speedup_follows_a_drifting_machine(monkeypatch):
   assert t["baseline_s"] == pytest.approx(6.0) and t["seconds"] == pytest.approx(3.0)
 
 
+def test_machine_state_split_separates_the_two_modes(monkeypatch):
+  """A machine that, in some repeats, computes slower and streams memory faster: the paired ratio
+  of a memory-bound baseline and a compute-bound candidate flips there, and the probe timed around
+  each pair sorts the repeats into the two states."""
+  clock = [0.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+  low_state = iter([False, True, False, True, True])  # The state of repeats 1..5.
+  low = [False]
+
+  class Out:
+    tokens = jnp.zeros((1,))
+
+  def baseline(p):  # Memory-bound: 1.2x faster in the low state.
+    low[0] = next(low_state)
+    clock[0] += 2.0 / (1.2 if low[0] else 1.0)
+    return Out()
+
+  def candidate(p):  # Compute-bound: 1.35x slower in the low state.
+    clock[0] += 1.0 * (1.35 if low[0] else 1.0)
+    return Out()
+
+  def probe():
+    clock[0] += 0.015 * (1.35 if low[0] else 1.0)
+    return 0.015 * (1.35 if low[0] else 1.0)
+
+  t = metrics.paired_speedup_over_sets(baseline, candidate, [None], repeats=5, probe=probe)
+  assert len(t["ratios"]) == len(t["probe_s"]) == 5
+  # Each pair's probe is the slower of before and after, and a repeat's "before" probe runs in the
+  # state the last repeat left: repeat 3 (full) follows a low one, so it counts as low. Only pairs
+  # wholly in the full state count as full (here, repeat 1).
+  split = metrics.split_by_machine_state(t["ratios"], t["probe_s"], min(t["probe_s"]))
+  assert split["speedup_full_compute"] == pytest.approx(2.0)
+  assert split["speedup_low_compute"] == pytest.approx(2.0 / 1.2 / 1.35)
+  assert split["low_compute_share"] == pytest.approx(4 / 5)
+  with pytest.raises(ValueError, match="one probe time per ratio"):
+    metrics.split_by_machine_state([1.0, 2.0], [0.1], 0.1)
+
+
 def test_bad_input_is_refused(models):
   cfg, target, _, _ = models
   prompts, lengths = prompts_for(1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,8 @@ def median_seconds_over_sets(fn, prompt_sets, repeats: int):
   return statistics.median(times), outs
 
 
-def paired_speedup_over_sets(baseline_fn, fn, prompt_sets, repeats: int) -> dict:
+def paired_speedup_over_sets(baseline_fn, fn, prompt_sets, repeats: int,
+                             probe: Optional[Callable[[], float]] = None) -> dict:
   """Times `baseline_fn` and `fn` over every prompt set in alternation: the speedup of `fn`.
 
   Both must be compiled and idle already (call each once and block on its outputs: dispatch is
@@ -75,15 +76,73 @@ def paired_speedup_over_sets(baseline_fn, fn, prompt_sets, repeats: int) -> dict
   whose speed drifts within a run (2-core VMs here: autoregressive generation of the same prompts
   took 1.9 s in one minute and 1.6 s a few minutes later) moves both sides of each ratio together.
 
+  Drift that moves both sides together is not the only kind: see `make_compute_probe`. With
+  `probe`, it is timed before and after each pair, and the slower of the two is that pair's probe.
+
   Returns:
-    dict with baseline_s and seconds (medians) and speedup (median of baseline / seconds).
+    dict with baseline_s and seconds (medians), speedup (median of baseline / seconds), ratios (one
+    per repeat) and, with `probe`, probe_s (one per repeat).
   """
-  base, new = [], []
+  base, new, probes = [], [], []
   for _ in range(repeats):
+    before = probe() if probe else 0.0
     base.append(_seconds_over_sets(baseline_fn, prompt_sets))
     new.append(_seconds_over_sets(fn, prompt_sets))
-  return {"baseline_s": statistics.median(base), "seconds": statistics.median(new),
-          "speedup": statistics.median(b / n for b, n in zip(base, new))}
+    if probe:
+      probes.append(max(before, probe()))
+  ratios = [b / n for b, n in zip(base, new)]
+  out = {"baseline_s": statistics.median(base), "seconds": statistics.median(new),
+         "speedup": statistics.median(ratios), "ratios": ratios}
+  if probe:
+    out["probe_s"] = probes
+  return out
+
+
+def make_compute_probe(size: int = 512, matmuls: int = 10, runs: int = 3) -> Callable[[], float]:
+  """A compute-bound probe of the machine's state: the fastest of `runs` timings of `matmuls`
+  chained (size, size) float32 matmuls (~15 ms each on 2 Zen 4 vCPUs), in cache, on XLA's thread
+  pool. The minimum drops one-off stalls; a state that lasts seconds slows every run.
+
+  Why: the 2-vCPU Zen 4 VM these benchmarks ran on switches, for seconds to minutes at a time,
+  into a state where a cache line takes ~350 ns instead of ~55 ns to go from one vCPU to the other
+  and back (the host has put them far apart), this probe runs ~35% slower, streaming from DRAM
+  ~40% faster, and one-thread compute is unchanged (RESULTS.md, "Two states of the VM"). A
+  memory-bound baseline
+  (autoregressive decoding of a target past the L3) and a compute-bound candidate (batch-4
+  verification passes) then move in opposite directions, and their ratio flips between two modes
+  that pairing cannot cancel. Timing the probe around each pair says which state it ran in
+  (`split_by_machine_state`).
+  """
+  a = jnp.full((size, size), 1e-3, jnp.float32)
+  chain = jax.jit(lambda x: jax.lax.fori_loop(0, matmuls, lambda i, y: y @ x, x))
+  chain(a).block_until_ready()  # Compiles.
+
+  def probe() -> float:
+    times = []
+    for _ in range(runs):
+      start = time.perf_counter()
+      chain(a).block_until_ready()
+      times.append(time.perf_counter() - start)
+    return min(times)
+  return probe
+
+
+def split_by_machine_state(ratios, probe_s, reference_s: float, slack: float = 1.2) -> dict:
+  """Median speedup over the pairs that ran at the machine's full compute and over the rest.
+
+  A pair ran at full compute when its probe (`make_compute_probe`) took at most `slack` times
+  `reference_s`, the run's fastest probe; the probe's own noise stays within ~10% here, the low
+  state costs it ~35%. Returns speedup_full_compute and speedup_low_compute (None where no pair
+  ran in that state) and low_compute_share, the fraction of pairs in the low state.
+  """
+  if len(ratios) != len(probe_s) or not ratios:
+    raise ValueError(f"need one probe time per ratio, got {len(ratios)} ratios and "
+                     f"{len(probe_s)} probe times")
+  full = [r for r, t in zip(ratios, probe_s) if t <= slack * reference_s]
+  low = [r for r, t in zip(ratios, probe_s) if t > slack * reference_s]
+  return {"speedup_full_compute": statistics.median(full) if full else None,
+          "speedup_low_compute": statistics.median(low) if low else None,
+          "low_compute_share": len(low) / len(ratios)}
 
 
 def merge_rows(outputs) -> tuple:
