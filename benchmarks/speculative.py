@@ -34,14 +34,14 @@ autoregressive runs of the same prompts after a warm-up, and its speedup is the 
 `--reps` paired ratios (`metrics.paired_speedup_over_sets`): on these VMs the same autoregressive
 generation took 1.9 s and 1.6 s a few minutes apart, which timing the baseline once per draft,
 batch and temperature had turned into 20% on every ratio. Pairing cannot cancel a change that moves
-the two sides apart: the Zen 4 VM spends stretches of seconds to minutes in a state where its two
-vCPUs sit far apart (a cache line's round trip between them ~350 ns instead of ~55), multi-threaded
-compute is ~35% slower and streaming from DRAM ~40% faster, and there a batch-4 speculative run
-(compute-bound) slows while autoregressive decoding (memory-bound) speeds up: ~1.15x instead of
-~1.6x. A compute probe (`metrics.make_compute_probe`) timed around every pair says which state the
-pair ran in; each row also reports the median over the full-compute pairs, the low-compute ones and
-the low-compute share (RESULTS.md, "Two states of the VM"). The last stdout line is one JSON
-object with every figure; `--write_md` also writes the markdown summary.
+the two sides apart: the Zen 4 VM spends stretches of seconds (up to ~16 s seen) in a state where
+its two vCPUs sit far apart (a cache line's round trip between them ~350 ns instead of ~55),
+multi-threaded compute is ~35% slower and streaming from DRAM ~40% faster, and there a batch-4
+speculative run (compute-bound) slows while autoregressive decoding (memory-bound) speeds up: ~1.15x
+instead of ~1.6x. A compute probe (`metrics.make_compute_probe`) timed around every pair says which
+state the pair ran in; each row also reports the median over the full-compute pairs, the low-compute
+ones and the low-compute share (RESULTS.md, "Two states of the VM"). The last stdout line is one
+JSON object with every figure; `--write_md` also writes the markdown summary.
 
 Goals (issue 5): >= 2.5x over effjax autoregressive at batch 1 greedy; >= 1.5x at batch 4; >= 1.5x
 faster in absolute time than transformers' assisted generation. `goals` also reports, per batch,

@@ -1,14 +1,14 @@
-r"""Which state is this VM in? A time series of the probes that tell the Zen 4 VM's two states apart.
+r"""Which state is this VM in? A time series of the probes that tell the Zen 4 VM's states apart.
 
   python benchmarks/vm_state.py --seconds=120
 
-The 2-vCPU AMD EPYC (Zen 4) VM these benchmarks ran on spends stretches of seconds to minutes in a
-second state (RESULTS.md, "Two states of the VM"): a cache line's round trip from one vCPU to the
-other takes ~350 ns instead of ~55 ns (the host has placed them far apart), two-thread compute runs
-~35% slower, streaming from DRAM ~40% faster, and one-thread compute is unchanged. A memory-bound
-and a compute-bound program then move in opposite directions: batch-4 speculative decoding of
-lm/large went from ~1.6x to ~1.15x over autoregressive decoding. Each line printed here is one
-sample of:
+The 2-vCPU AMD EPYC (Zen 4) VM these benchmarks ran on spends stretches of seconds (up to ~16 s
+seen) in a second state (RESULTS.md, "Two states of the VM"): a cache line's round trip from one
+vCPU to the other takes ~350 ns instead of ~55 ns (the host has placed them far apart), two-thread
+compute runs ~35% slower, streaming from DRAM ~40% faster, and one-thread compute is unchanged. A
+memory-bound and a compute-bound program then move in opposite directions: batch-4 speculative
+decoding of lm/large went from ~1.6x to ~1.15x over autoregressive decoding. Each line printed here
+is one sample of:
 
 * `roundtrip_ns`: a cache line passed back and forth between threads pinned to CPUs 0 and 1 (a
   small C++ program built here with g++; the median of three runs of 200k round trips);
@@ -71,7 +71,8 @@ int main() {
     flag.store(1, std::memory_order_release);
     while (flag.load(std::memory_order_acquire) != 0) {}
   }
-  double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+  auto elapsed = std::chrono::steady_clock::now() - start;
+  double ns = std::chrono::duration<double, std::nano>(elapsed).count();
   pthread_join(t, nullptr);
   std::printf("%.1f\n", ns / kTrips);
 }

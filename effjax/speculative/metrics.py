@@ -103,15 +103,14 @@ def make_compute_probe(size: int = 512, matmuls: int = 10, runs: int = 3) -> Cal
   chained (size, size) float32 matmuls (~15 ms each on 2 Zen 4 vCPUs), in cache, on XLA's thread
   pool. The minimum drops one-off stalls; a state that lasts seconds slows every run.
 
-  Why: the 2-vCPU Zen 4 VM these benchmarks ran on switches, for seconds to minutes at a time,
-  into a state where a cache line takes ~350 ns instead of ~55 ns to go from one vCPU to the other
-  and back (the host has put them far apart), this probe runs ~35% slower, streaming from DRAM
+  Why: the 2-vCPU Zen 4 VM these benchmarks ran on switches, for seconds at a time (up to ~16 s
+  seen), into a state where a cache line takes ~350 ns instead of ~55 ns to go from one vCPU to the
+  other and back (the host has put them far apart), this probe runs ~35% slower, streaming from DRAM
   ~40% faster, and one-thread compute is unchanged (RESULTS.md, "Two states of the VM"). A
-  memory-bound baseline
-  (autoregressive decoding of a target past the L3) and a compute-bound candidate (batch-4
-  verification passes) then move in opposite directions, and their ratio flips between two modes
-  that pairing cannot cancel. Timing the probe around each pair says which state it ran in
-  (`split_by_machine_state`).
+  memory-bound baseline (autoregressive decoding of a target past the L3) and a compute-bound
+  candidate (batch-4 verification passes) then move in opposite directions, and their ratio flips
+  between two modes that pairing cannot cancel. Timing the probe around each pair says which state
+  it ran in (`split_by_machine_state`).
   """
   a = jnp.full((size, size), 1e-3, jnp.float32)
   chain = jax.jit(lambda x: jax.lax.fori_loop(0, matmuls, lambda i, y: y @ x, x))
