@@ -95,6 +95,12 @@ def test_report_is_valid_html_naming_every_figure_in_the_json(study_dir):
   for row in results["decoding"]:
     assert f">{row['method']}<" in page
     assert row["tokens_per_s"] > 0 and row["speedup"] > 0
+    if row["method"] == "autoregressive":
+      assert row["speedup"] == 1.0
+    else:  # Paired with the autoregressive runs: one ratio per repeat, the speedup their median.
+      assert len(row["ratios"]) == len(row["probe_s"]) == 1  # The tiny config: bench.repeats 1.
+      assert row["speedup"] == pytest.approx(row["ratios"][0])
+      assert 0.0 <= row["low_compute_share"] <= 1.0
   assert "draft_scratch" in results["training"] and "target" in results["training"]
   # bench.draft_samplings: the draft distilled on greedy text runs on greedy rows only.
   by_draft = {}

@@ -3,9 +3,13 @@
 Every method decodes the same prompts (validation documents the models never trained on) to the
 same number of new tokens, with EOS stopping off so rows do equal work: `max(bench.batch_sizes)`
 prompts, run as consecutive batches of the row's batch size (batch 1 decodes each prompt in turn;
-one prompt alone decides too little). Each timing is the median of `bench.repeats` passes over
-them after one compiling warm-up. Speedup = autoregressive time / method time at the same batch and
-sampling, so all speedups are wall-clock and measured in the same process.
+one prompt alone decides too little). After one compiling warm-up, each method's `bench.repeats`
+passes over them alternate with autoregressive passes at the same batch and sampling
+(`metrics.paired_speedup_over_sets`): the speedup is the median of the paired ratios, wall-clock,
+so a machine whose speed drifts within the run moves both sides of each ratio together. A compute
+probe timed around every pair (`metrics.make_compute_probe`) gives each row the share of its pairs
+that ran while the VM had lost compute (benchmarks/RESULTS.md, "Two states of the VM"), where
+compute-bound rounds lose to memory-bound autoregressive decoding.
 """
 
 from __future__ import annotations
@@ -90,8 +94,9 @@ def run(config, trained: dict, step_dir: str) -> dict:
   jobs = []
   draft_samplings = dict(b.get("draft_samplings", None) or {})  # Default: every sampling.
   for batch in b.batch_sizes:
+    # Every autoregressive baseline of a batch size first: the rows after it pair with it.
+    jobs += [("autoregressive", batch, s_name, None, None) for s_name in b.samplings]
     for s_name in b.samplings:
-      jobs.append(("autoregressive", batch, s_name, None, None))
       for d_name in drafts:
         if s_name not in draft_samplings.get(d_name, b.samplings):
           continue
@@ -106,7 +111,21 @@ def run(config, trained: dict, step_dir: str) -> dict:
   verify_costs = {(batch, gamma): spec_metrics.verify_cost_ratio(target, target_cfg, gamma,
                                                                  batch=batch)
                   for batch in b.batch_sizes for gamma in (b.gammas if drafts else ())}
-  ar_time: dict = {}
+  ar_fns: dict = {}  # (batch, sampling) -> the autoregressive call every other row pairs with.
+  probe = spec_metrics.make_compute_probe()
+  reference_probes = [probe() for _ in range(3)]
+
+  def paired(fn, prompt_sets, batch: int, s_name: str):
+    """(method seconds, outputs of the warm-up, timing dict) against the autoregressive baseline
+    of the same batch and sampling (typical acceptance, which samples at T = 1: that of T = 1,
+    else greedy's)."""
+    if s_name == "typical":
+      s_name = "t=1" if (batch, "t=1") in ar_fns else "greedy"
+    outs = [fn(p) for p in prompt_sets]  # Compiles; the metrics read these outputs.
+    jax.block_until_ready([o.tokens for o in outs])  # Dispatch is asynchronous.
+    timing = spec_metrics.paired_speedup_over_sets(ar_fns[(batch, s_name)], fn, prompt_sets,
+                                                   b.repeats, probe)
+    return timing["seconds"], outs, timing
   medusa_trees: dict = {}  # batch -> (tree, tuning table or None)
   if "medusa" in trained:
     from effjax.medusa import experiment as medusa_exp
@@ -117,17 +136,19 @@ def run(config, trained: dict, step_dir: str) -> dict:
     prompt_sets = [prompts_all[i:i + batch] for i in range(0, len(prompts_all) - batch + 1, batch)]
     sampling = samplings.get(s_name, SamplingParams())
     row = {"method": method, "sampling": s_name, "batch": batch, "gamma": gamma, "draft": d_name}
+    timing = None
     if method == "autoregressive":
-      t, _ = timed(lambda p: engine.generate(target, target_cfg, p, max_new_tokens=n_new,
-                                             sampling=sampling, rng=rng), prompt_sets, b.repeats)
-      ar_time[(batch, s_name)] = t
-      row.update(passes_per_token=1.0)
+      ar_fn = lambda p, sampling=sampling: engine.generate(
+          target, target_cfg, p, max_new_tokens=n_new, sampling=sampling, rng=rng)
+      t, _ = timed(ar_fn, prompt_sets, b.repeats)
+      ar_fns[(batch, s_name)] = ar_fn
+      row.update(passes_per_token=1.0, speedup=1.0)
     elif method == "speculative":
       d_params, d_cfg = drafts[d_name]
       call = lambda p, record=False: speculative_generate(
           target, target_cfg, d_params, d_cfg, p, gamma=gamma, max_new_tokens=n_new,
           sampling=sampling, rng=rng, record_rounds=record)
-      t, outs = timed(call, prompt_sets, b.repeats)
+      t, outs, timing = paired(call, prompt_sets, batch, s_name)
       summary = spec_metrics.summarize(*spec_metrics.merge_rows(outs),
                                        cost_ratio=cost_ratios[d_name],
                                        verify_cost=verify_costs[(batch, gamma)])
@@ -153,8 +174,9 @@ def run(config, trained: dict, step_dir: str) -> dict:
       kwargs = dict(max_new_tokens=n_new, tree=tree, rng=rng)
       if typical is not None:
         kwargs.update(typical=typical, sampling=SamplingParams(temperature=1.0))
-      t, outs = timed(lambda p: medusa_decode.generate(target, heads, target_cfg, p, **kwargs),
-                      prompt_sets, b.repeats)
+      t, outs, timing = paired(
+          lambda p: medusa_decode.generate(target, heads, target_cfg, p, **kwargs), prompt_sets,
+          batch, s_name)
       m = medusa_decode.decode_metrics(outs[0].replace(  # All sets' rows as one batch.
           accept_counts=np.concatenate([np.asarray(o.accept_counts) for o in outs]),
           lengths=np.concatenate([np.asarray(o.lengths) for o in outs])))
@@ -166,15 +188,16 @@ def run(config, trained: dict, step_dir: str) -> dict:
         row["tree_tuning"] = tuning
     row["seconds"] = t
     row["tokens_per_s"] = len(prompt_sets) * batch * n_new / t
+    if timing is not None:
+      row.update(speedup=timing["speedup"], baseline_seconds=timing["baseline_s"],
+                 ratios=timing["ratios"], probe_s=timing["probe_s"])
     rows.append(row)
+  # Which of the VM's states each row's pairs ran in, against the run's fastest probe.
+  reference_s = min(reference_probes + [t for r in rows for t in r.get("probe_s", ())])
   for row in rows:
-    # Typical acceptance samples at T = 1: its baseline is sampled autoregressive decoding at T = 1
-    # (greedy's if that was not run).
-    sampling = row["sampling"]
-    if sampling == "typical":
-      sampling = "t=1" if (row["batch"], "t=1") in ar_time else "greedy"
-    base = ar_time.get((row["batch"], sampling))
-    row["speedup"] = base / row["seconds"] if base else None
+    if "ratios" in row:
+      row["low_compute_share"] = spec_metrics.split_by_machine_state(
+          row["ratios"], row["probe_s"], reference_s)["low_compute_share"]
   if not drafts:
     notes.append("no draft model was trained: speculative rows are missing")
   return {"rows": rows, "token_view_html": view_html, "token_view_text": view_text,
